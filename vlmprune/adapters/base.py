@@ -1,0 +1,374 @@
+"""Adapter base: the patched forward shared by model families, and the adapter registry.
+
+A family adapter says where the visual tokens and signals come from; this base turns
+the scorer's kept indices into a pruned prefill (embeddings, mask, positions, labels) and keeps
+the decode steps that follow consistent with the pruned KV cache."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from vlmprune.config import PruneConfig
+from vlmprune.kernels import gather_rows, select_tokens
+from vlmprune.kernels.assemble import assemble_ref
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals
+
+STATE_ATTR = "_vlmprune_state"
+SIGNAL_NAMES = ("cls_attn", "received_attn", "keys", "value_norms", "vision_hidden")
+_MISSING = object()
+
+
+@dataclass
+class DecodeState:
+    """Stored on the KV cache after a pruned prefill: how to map the unpruned-length attention
+    mask and position ids that `generate` keeps onto the pruned cache."""
+
+    orig_len: int
+    new_len: int
+    mask: torch.Tensor | None
+    removed: torch.Tensor
+    positions: str
+
+
+def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept indices [I, kmax] and the features to place there [I, kmax, D].
+
+    Score-only scorers go through the fused top-k + gather kernel; scorers with their own
+    `select` return indices (and, when merging, new features)."""
+    if type(scorer).select is Scorer.select:
+        scores = scorer.score(signals).float()
+        return select_tokens(scores, feats, k, signals.n_valid)
+    sel = scorer.select(signals, k)
+    out = sel.features if sel.features is not None else gather_rows(feats, sel.indices)
+    return sel.indices, out
+
+
+class Adapter:
+    """One per model family. Subclasses set `model_types`/`model_classes` and implement
+    `encoder_info`, `visual_token_id`, `encoder_owner`, `encode_images` and `image_signals`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    default_positions: ClassVar[str] = "compact"
+    encoder_method: ClassVar[str] = "get_image_features"
+
+    def __init__(self, model: nn.Module, config: PruneConfig):
+        self.model = model
+        self.config = config
+        if config.positions is None:
+            config.positions = self.default_positions
+        self.info = self.encoder_info()
+        self.stage = config.vision_stage
+        self.request = self.stage.scorer.needs(self.info) if self.stage else Request()
+        self.check_request(self.request)
+        self.last: list[list[torch.Tensor]] | None = None
+        self._signals: dict[int, tuple[weakref.ref, dict[str, dict[int, torch.Tensor]]]] = {}
+        self._saved_encoder: Any = None
+        for stage in config.stages:
+            if stage.where != "vision":
+                raise ValueError(
+                    f"method {stage.method!r} acts at stage {stage.where!r}; the {type(self).__name__} supports "
+                    f"stages ['vision']"
+                )
+
+    # --- family-specific ---------------------------------------------------------------
+    def encoder_info(self) -> EncoderInfo:
+        raise NotImplementedError
+
+    def visual_token_id(self) -> int:
+        raise NotImplementedError
+
+    def encoder_owner(self) -> nn.Module:
+        """The module whose `encoder_method` turns pixels into visual tokens (HF's base model);
+        `generate()` calls it before the prefill, so the signals are collected there."""
+        raise NotImplementedError
+
+    def collecting(self, inputs: dict[str, Any]):
+        """Context manager around the encoder call; yields a function that takes the encoder's
+        output and returns one signal dict per image (name -> layer -> tensor)."""
+        raise NotImplementedError
+
+    def encode_images(self, inputs: dict[str, Any]) -> Any:
+        """The encoder output (with `pooler_output`: one [N_i, D] tensor per image) for a prefill."""
+        raise NotImplementedError
+
+    def provides(self) -> set[str]:
+        """Signal names this family can compute."""
+        return {"features", "cls_attn", "received_attn", "keys", "value_norms", "vision_hidden"}
+
+    # --- install --------------------------------------------------------------------------
+    def install(self) -> None:
+        """Wrap the encoder method so every image it encodes has its signals recorded."""
+        owner = self.encoder_owner()
+        self._saved_encoder = owner.__dict__.get(self.encoder_method, _MISSING)
+        orig = getattr(owner, self.encoder_method)
+
+        @functools.wraps(orig)
+        def encode(*args, **kwargs):
+            inputs = bind_inputs(orig, args, kwargs)
+            with self.collecting(inputs) as finish:
+                out = orig(*args, **kwargs)
+            self.record(list(out.pooler_output), finish(out))
+            return out
+
+        setattr(owner, self.encoder_method, encode)
+
+    def uninstall(self) -> None:
+        owner = self.encoder_owner()
+        if self._saved_encoder is _MISSING:
+            owner.__dict__.pop(self.encoder_method, None)
+        elif self._saved_encoder is not None:
+            setattr(owner, self.encoder_method, self._saved_encoder)
+        self._saved_encoder = None
+        self._signals.clear()
+
+    def record(self, feats: list[torch.Tensor], per_image: list[dict[str, dict[int, torch.Tensor]]]) -> None:
+        """Remember each image's signals under its feature tensor (generate() may repeat the
+        same tensors for beams / return sequences, so identity is the key)."""
+        self._signals = {k: v for k, v in self._signals.items() if v[0]() is not None}
+        for f, sig in zip(feats, per_image):
+            self._signals[id(f)] = (weakref.ref(f), sig)
+
+    def signals_for(self, feats: list[torch.Tensor]) -> Signals:
+        """Stack the recorded signals of these images into one padded `Signals`."""
+        n = max(f.shape[0] for f in feats)
+        padded = torch.stack([nn.functional.pad(f, (0, 0, 0, n - f.shape[0])) for f in feats])
+        signals = Signals(
+            n_valid=torch.tensor([f.shape[0] for f in feats], device=padded.device),
+            grid=self.info.grid if self.info.grid[0] * self.info.grid[1] == n else (1, n),
+            info=self.info,
+            features=padded,
+        )
+        wanted = [name for name in SIGNAL_NAMES if getattr(self.request, name)]
+        if not wanted:
+            return signals
+        found = []
+        for f in feats:
+            ref, sig = self._signals.get(id(f), (None, None))
+            if ref is None or ref() is not f:
+                raise ValueError(
+                    f"vlmprune: method {self.stage.method!r} needs {wanted}, collected while the image is encoded; "
+                    f"these image features were computed before the model was patched. Pass pixel_values "
+                    f"(or encode with the patched model)"
+                )
+            found.append(sig)
+        for name in wanted:
+            for layer in getattr(self.request, name):
+                rows = [sig[name][layer] for sig in found]
+                width = max(r.shape[0] for r in rows)
+                pad = [(0, 0) * (r.ndim - 1) + (0, width - r.shape[0]) for r in rows]
+                getattr(signals, name)[layer] = torch.stack([nn.functional.pad(r, p) for r, p in zip(rows, pad)])
+        return signals
+
+    # --- shared -------------------------------------------------------------------------
+    def check_request(self, request: Request) -> None:
+        """Raise if the scorer needs a signal, or a layer, this model cannot provide."""
+        have = self.provides()
+        for name in SIGNAL_NAMES:
+            layers = getattr(request, name)
+            if layers and name not in have:
+                raise ValueError(
+                    f"method {self.stage.method!r} needs signal {name!r}, which {type(self.model).__name__} "
+                    f"cannot provide; it provides {sorted(have)}"
+                )
+            bad = [layer for layer in layers if not 0 <= layer < self.info.num_layers]
+            if bad:
+                raise ValueError(
+                    f"method {self.stage.method!r} asks for encoder layer(s) {bad}; this encoder has layers "
+                    f"0..{self.info.num_layers - 1}"
+                )
+
+    def forward(self, orig: Callable, inputs: dict[str, Any]):
+        cache = inputs.get("past_key_values")
+        state = getattr(cache, STATE_ATTR, None) if cache is not None else None
+        if self.has_visual_input(inputs):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    "vlmprune: images in a call that continues a non-empty KV cache are not supported; "
+                    "start a new cache for each prompt with images"
+                )
+            return self.prefill(orig, inputs)
+        if state is not None:
+            return orig(**self.decode_inputs(state, inputs))
+        return orig(**inputs)
+
+    def has_visual_input(self, inputs: dict[str, Any]) -> bool:
+        mm = inputs.get("mm_encoder_outputs") or {}
+        return inputs.get("pixel_values") is not None or mm.get("image") is not None
+
+    def prefill(self, orig: Callable, inputs: dict[str, Any]):
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
+        encoded = self.encode_images(inputs)
+        feats = list(encoded.pooler_output)
+        per_image = [int(f.shape[0]) for f in feats]
+        is_visual = input_ids == self.visual_token_id()
+        if int(is_visual.sum()) != sum(per_image):
+            raise ValueError(
+                f"vlmprune: the prompt holds {int(is_visual.sum())} image tokens but the images give "
+                f"{sum(per_image)} visual tokens ({per_image}); check the processor output"
+            )
+        rest = {k: v for k, v in inputs.items() if k not in self.visual_input_names()}
+        kept = [self.config.kept(n) for n in per_image]
+        if kept == per_image or self.stage is None:
+            self.last = self.split_by_row(is_visual, per_image, [torch.arange(n) for n in per_image])
+            return orig(**rest, mm_encoder_outputs={"image": encoded})
+
+        signals = self.signals_for(feats)
+        k = torch.tensor(kept, device=signals.features.device)
+        idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
+        keep_visual, chosen = self.keep_mask(idx, per_image, is_visual.device)
+        self.last = self.split_by_row(is_visual, per_image, chosen)
+
+        text = self.model.get_input_embeddings()(input_ids)
+        visual = visual[idx >= 0].to(text.device, text.dtype)
+        out = assemble_ref(
+            text,
+            is_visual,
+            keep_visual,
+            visual,
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+            labels=inputs.get("labels"),
+            positions=self.config.positions,
+        )
+        rest.update(input_ids=None, inputs_embeds=out.inputs_embeds, attention_mask=out.attention_mask)
+        rest["position_ids"] = out.position_ids
+        if inputs.get("labels") is not None:
+            rest["labels"] = out.labels
+        result = orig(**rest)
+        cache = getattr(result, "past_key_values", None)
+        if cache is not None:
+            setattr(
+                cache,
+                STATE_ATTR,
+                DecodeState(out.orig_len, out.new_len, out.attention_mask, out.removed, self.config.positions),
+            )
+        return result
+
+    def visual_input_names(self) -> tuple[str, ...]:
+        return ("pixel_values", "image_sizes", "mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy")
+
+    @staticmethod
+    def keep_mask(idx: torch.Tensor, per_image: list[int], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Flat bool over every visual slot (row-major) and the kept indices of each image."""
+        parts, chosen = [], []
+        for i, n in enumerate(per_image):
+            sel = idx[i][idx[i] >= 0].cpu()
+            m = torch.zeros(n, dtype=torch.bool)
+            m[sel] = True
+            parts.append(m)
+            chosen.append(sel)
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        return flat.to(device), chosen
+
+    @staticmethod
+    def split_by_row(is_visual: torch.Tensor, per_image: list[int], chosen: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Group per-image selections by batch row."""
+        counts = is_visual.sum(1).tolist()
+        rows, i = [], 0
+        for c in counts:
+            row = []
+            while c > 0:
+                row.append(chosen[i])
+                c -= per_image[i]
+                i += 1
+            rows.append(row)
+        return rows
+
+    def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Map a decode step's unpruned-length mask and positions onto the pruned cache."""
+        inputs = dict(inputs)
+        cache = inputs["past_key_values"]
+        past = cache.get_seq_length()
+        ids = inputs.get("input_ids")
+        q = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            if mask.ndim != 2:
+                raise ValueError("vlmprune: decoding after a pruned prefill needs a 2-D attention mask (or None)")
+            expected = past + q + state.orig_len - state.new_len
+            if mask.shape[1] != expected:
+                raise ValueError(
+                    f"vlmprune: attention_mask has {mask.shape[1]} columns; after a pruned prefill of "
+                    f"{state.orig_len} tokens (kept {state.new_len}) it should have {expected}"
+                )
+            head = state.mask if state.mask is not None else mask.new_ones(mask.shape[0], state.new_len)
+            inputs["attention_mask"] = torch.cat([head.to(mask.dtype), mask[:, state.orig_len :]], dim=1)
+        elif state.mask is not None:
+            tail = state.mask.new_ones(state.mask.shape[0], past + q - state.new_len)
+            inputs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
+        pos = inputs.get("position_ids")
+        if pos is not None and state.positions == "compact":
+            inputs["position_ids"] = pos - state.removed.to(pos.device)[:, None]
+        elif pos is None and state.positions == "original":
+            start = past + state.orig_len - state.new_len
+            device = state.removed.device
+            inputs["position_ids"] = (torch.arange(q, device=device) + start)[None, :]
+        return inputs
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def supported_models() -> list[str]:
+    """HF model_type names with an adapter, sorted."""
+    return sorted({t for a in _ADAPTERS for t in a.model_types})
+
+
+def find_adapter(model: Any) -> type[Adapter]:
+    """The adapter class for this model, or a ValueError listing the supported models."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    cls_name = type(model).__name__
+    for a in _ADAPTERS:
+        if model_type in a.model_types and cls_name in a.model_classes:
+            return a
+    for a in _ADAPTERS:
+        if model_type in a.model_types:
+            raise ValueError(
+                f"vlmprune patches {list(a.model_classes)} for model_type {model_type!r}, got {cls_name}; "
+                f"load the model with one of those classes"
+            )
+    raise ValueError(
+        f"model {cls_name} (model_type={model_type!r}) is not supported; supported model types: {supported_models()}"
+    )
+
+
+def bind_inputs(forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional + keyword call arguments as one keyword dict."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(forward)
+    out = dict(sig.bind_partial(*args, **kwargs).arguments)
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            out.update(out.pop(p.name, {}))
+    return out
+
+
+def make_forward(model: nn.Module, orig: Callable) -> Callable:
+    """The forward installed on a patched model: it reads the adapter at call time, so patching
+    again only swaps the adapter."""
+
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        adapter = model.__dict__.get("_vlmprune_adapter")
+        if adapter is None:
+            return orig(*args, **kwargs)
+        return adapter.forward(orig, bind_inputs(orig, args, kwargs))
+
+    return forward

@@ -1,0 +1,105 @@
+"""LLaVA-1.5 family (`model_type == "llava"`): CLIP/SigLIP tower -> MLP projector -> Llama-style
+decoder with 1-D RoPE. Each image gives a fixed number of visual tokens on a square grid."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from vlmprune.adapters.base import Adapter, register_adapter
+from vlmprune.adapters.vit import Collected, collect
+from vlmprune.scorers.base import EncoderInfo
+
+
+def vit_layers(vision_tower: torch.nn.Module) -> torch.nn.ModuleList:
+    """The encoder blocks of an HF ViT (CLIPVisionModel, SiglipVisionModel, ...)."""
+    body = getattr(vision_tower, "vision_model", vision_tower)
+    encoder = getattr(body, "encoder", None)
+    layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+    if layers is None:
+        raise ValueError(f"cannot find the encoder layers of vision tower {type(vision_tower).__name__}")
+    return layers
+
+
+def vit_has_cls(vision_tower: torch.nn.Module) -> bool:
+    body = getattr(vision_tower, "vision_model", vision_tower)
+    return hasattr(getattr(body, "embeddings", None), "class_embedding")
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    """Vision-stage pruning for `LlavaForConditionalGeneration`."""
+
+    model_types = ("llava",)
+    model_classes = ("LlavaForConditionalGeneration",)
+    default_positions = "compact"
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    def feature_layer(self, inputs: dict[str, Any] | None = None) -> int:
+        cfg = self.model.config
+        layer = (inputs or {}).get("vision_feature_layer") or cfg.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        # hidden_states[j] is the output of encoder layer j - 1 (hidden_states[0] = embeddings)
+        return layer % (len(vit_layers(self.vision_tower)) + 1) - 1
+
+    def cls_offset(self, inputs: dict[str, Any] | None = None) -> int:
+        strategy = (inputs or {}).get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        return 1 if (strategy == "default" and vit_has_cls(self.vision_tower)) else 0
+
+    def encoder_info(self) -> EncoderInfo:
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        layer = self.feature_layer()
+        if layer < 0:
+            raise ValueError("vlmprune: vision_feature_layer selects the patch embeddings; no encoder layer to score")
+        return EncoderInfo(
+            num_layers=len(vit_layers(self.vision_tower)),
+            feature_layer=layer,
+            has_cls=vit_has_cls(self.vision_tower),
+            grid=(side, side),
+        )
+
+    def provides(self) -> set[str]:
+        have = super().provides()
+        return have if self.info.has_cls else have - {"cls_attn"}
+
+    def visual_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def encoder_owner(self) -> torch.nn.Module:
+        return self.model.model
+
+    @contextlib.contextmanager
+    def collecting(self, inputs: dict[str, Any]):
+        off = self.cls_offset(inputs)
+        with collect(vit_layers(self.vision_tower), self.request) as got:
+            yield lambda out: per_image_signals(got, off, len(out.pooler_output))
+
+    def encode_images(self, inputs: dict[str, Any]) -> Any:
+        mm = inputs.get("mm_encoder_outputs") or {}
+        if mm.get("image") is not None:
+            return mm["image"]
+        return self.encoder_owner().get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=inputs.get("vision_feature_layer"),
+            vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
+            image_sizes=inputs.get("image_sizes"),
+            return_dict=True,
+        )
+
+
+def per_image_signals(got: Collected, offset: int, images: int) -> list[dict[str, dict[int, torch.Tensor]]]:
+    """Split batched encoder signals per image; attention rows cover the visual tokens only."""
+    rows = {
+        "cls_attn": {l: a[:, offset:] for l, a in got.cls_attn.items()},
+        "received_attn": {l: a[:, offset:] for l, a in got.received_attn.items()},
+        "keys": got.keys,
+        "value_norms": got.value_norms,
+        "vision_hidden": got.vision_hidden,
+    }
+    return [{name: {l: t[i] for l, t in table.items()} for name, table in rows.items()} for i in range(images)]

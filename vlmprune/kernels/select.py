@@ -1,0 +1,76 @@
+"""Ragged top-k + order-preserving gather (DESIGN §4.1): the torch reference and the dispatcher."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmprune.kernels.dispatch import use_triton
+
+
+def _check(scores: torch.Tensor, feats: torch.Tensor | None, k: torch.Tensor, valid: torch.Tensor | None):
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+    if feats is not None and feats.shape[:2] != scores.shape:
+        raise ValueError(f"feats {tuple(feats.shape)} must be [B, N, D] with [B, N] = {tuple(scores.shape)}")
+    if k.shape != scores.shape[:1]:
+        raise ValueError(f"k must be [B] = [{scores.shape[0]}], got shape {tuple(k.shape)}")
+    if (k < 0).any():
+        raise ValueError(f"k must be >= 0, got {k.tolist()}")
+    if valid is not None and valid.shape != k.shape:
+        raise ValueError(f"valid must be [B], got shape {tuple(valid.shape)}")
+
+
+def effective_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k clipped to the valid count, valid count) per row, as int64 on the scores' device."""
+    n = scores.shape[1]
+    valid = torch.full_like(k, n) if valid is None else valid
+    valid = valid.to(device=scores.device, dtype=torch.long).clamp(max=n)
+    return torch.minimum(k.to(device=scores.device, dtype=torch.long), valid), valid
+
+
+def gather_rows(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """feats[b, idx[b, j]] with zeros where idx is -1 (padding)."""
+    safe = idx.clamp(min=0)
+    out = torch.gather(feats, 1, safe.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+    return out.masked_fill((idx < 0).unsqueeze(-1), 0)
+
+
+def select_tokens_ref(
+    scores: torch.Tensor,
+    feats: torch.Tensor | None,
+    k: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep the k[b] highest scores among the first valid[b] tokens of each row.
+
+    Returns idx [B, kmax] (ascending, -1 padded) and feats gathered at idx (zero padded), where
+    kmax = max(k). Ties go to the lower index; NaN counts as lowest."""
+    _check(scores, feats, k, valid)
+    k, valid = effective_k(scores, k, valid)
+    b, n = scores.shape
+    kmax = int(k.max()) if b else 0
+    s = scores.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    pos = torch.arange(n, device=scores.device)
+    s = s.masked_fill(pos[None, :] >= valid[:, None], float("-inf"))
+    # stable descending sort: among equal scores the lower index comes first
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kmax]
+    rank = torch.arange(kmax, device=scores.device)
+    order = order.masked_fill(rank[None, :] >= k[:, None], n)
+    idx = torch.sort(order, dim=1).values
+    idx = idx.masked_fill(idx == n, -1)
+    out = gather_rows(feats, idx) if feats is not None else None
+    return idx, out
+
+
+def select_tokens(
+    scores: torch.Tensor,
+    feats: torch.Tensor | None,
+    k: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatcher: the Triton kernel on CUDA (when available), the torch reference elsewhere."""
+    if use_triton(scores):
+        from vlmprune.kernels.select_triton import select_tokens_triton
+
+        return select_tokens_triton(scores, feats, k, valid)
+    return select_tokens_ref(scores, feats, k, valid)

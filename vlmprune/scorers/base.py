@@ -1,0 +1,161 @@
+"""The seam between adapters and scorers: what a scorer asks for (`Request`), what an adapter
+hands over (`Signals`), the `Scorer` base class and the name registry."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Model-agnostic facts about the vision encoder that a scorer may use to pick its layers.
+
+    `feature_layer` is the 0-based index of the encoder layer whose output becomes the visual
+    tokens (e.g. 22 for CLIP-L with `vision_feature_layer=-2`)."""
+
+    num_layers: int
+    feature_layer: int
+    has_cls: bool
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Request:
+    """The signals a scorer needs. Layers are 0-based encoder layer indices; each attention
+    signal of layer i is the attention computed inside layer i (its `self_attn`)."""
+
+    features: bool = False
+    cls_attn: tuple[int, ...] = ()
+    received_attn: tuple[int, ...] = ()
+    keys: tuple[int, ...] = ()
+    value_norms: tuple[int, ...] = ()
+    vision_hidden: tuple[int, ...] = ()
+
+    def merge(self, other: "Request") -> "Request":
+        """Union of two requests (used when one forward serves several stages)."""
+        uni = lambda a, b: tuple(sorted(set(a) | set(b)))  # noqa: E731
+        return Request(
+            features=self.features or other.features,
+            cls_attn=uni(self.cls_attn, other.cls_attn),
+            received_attn=uni(self.received_attn, other.received_attn),
+            keys=uni(self.keys, other.keys),
+            value_norms=uni(self.value_norms, other.value_norms),
+            vision_hidden=uni(self.vision_hidden, other.vision_hidden),
+        )
+
+
+@dataclass
+class Signals:
+    """What an adapter collected for a batch of I images with up to N visual tokens each.
+
+    Every tensor has the image as its leading dim and the visual tokens (in the order the decoder
+    sees them) as the second; `n_valid[i]` says how many of the N are real for image i. Attention
+    rows are float32, head-mean, over the N visual tokens (CLS excluded). `keys` and
+    `vision_hidden` are per encoder token and keep the CLS token (if any) at position 0."""
+
+    n_valid: torch.Tensor
+    grid: tuple[int, int]
+    info: EncoderInfo
+    features: torch.Tensor | None = None
+    cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    received_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.n_valid.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.n_valid.max()) if self.n_valid.numel() else 0
+
+
+@dataclass
+class Selection:
+    """A scorer's answer: kept indices per image (ascending, padded with -1 to the largest k)
+    and, for merging methods, the features to put at the kept places instead of the originals."""
+
+    indices: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class Scorer:
+    """Base class: override `score` (higher = keep) or `select`. Constructor kwargs are the
+    method's options; they are validated against the constructor's signature by `build_scorer`."""
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = "vision"
+    paper: ClassVar[str] = ""
+
+    def needs(self, info: EncoderInfo) -> Request:
+        """The signals this scorer reads, given the encoder it will run on."""
+        return Request()
+
+    def score(self, signals: Signals) -> torch.Tensor:
+        """Float32 scores [I, N]; the shared top-k path keeps the k highest (ties: lower index)."""
+        raise NotImplementedError
+
+    def select(self, signals: Signals, k: torch.Tensor) -> Selection:
+        """Kept indices for each image; the default runs the fused top-k on `score`."""
+        from vlmprune.kernels import select_tokens
+
+        scores = self.score(signals).float()
+        idx, _ = select_tokens(scores, None, k, signals.n_valid)
+        return Selection(indices=idx)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+_REGISTRY: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make a scorer available under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"scorer name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def scorer_class(name: str) -> type[Scorer]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available methods: {available_methods()}")
+    return _REGISTRY[name]
+
+
+def scorer_options(name: str) -> dict[str, object]:
+    """The method's kwargs and their defaults."""
+    sig = inspect.signature(scorer_class(name).__init__)
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def build_scorer(name: str, **kwargs) -> Scorer:
+    """Instantiate a registered scorer, rejecting kwargs its constructor does not take."""
+    cls = scorer_class(name)
+    allowed = scorer_options(name)
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise TypeError(f"unknown option(s) {bad} for method {name!r}; allowed: {sorted(allowed)}")
+    return cls(**kwargs)
+
+
+ScoreFn = Callable[[Signals], torch.Tensor]

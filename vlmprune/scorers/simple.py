@@ -1,0 +1,72 @@
+"""Baselines that read no model signal: `random` and `uniform`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlmprune.scorers.base import Scorer, Signals, register
+
+
+@register
+class RandomScorer(Scorer):
+    """Uniform random subset. The scores come from a generator seeded with `seed` for every
+    image, so a given image keeps the same tokens alone or inside any batch."""
+
+    name = "random"
+    paper = "baseline"
+
+    def __init__(self, seed: int = 0):
+        if not isinstance(seed, int):
+            raise TypeError(f"random: seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def score(self, signals: Signals) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        row = torch.rand(signals.num_tokens, generator=g)
+        return row.expand(signals.num_images, -1).to(signals.n_valid.device)
+
+
+def strided_grid(h: int, w: int, k: int) -> torch.Tensor:
+    """k raster indices spread evenly over an h x w grid (ascending).
+
+    A gh x gw lattice of cell centres with gh/gw close to h/w and gh*gw >= k is laid over the grid;
+    when it has more than k points, k of them are taken at even strides along its raster order."""
+    n = h * w
+    k = max(0, min(k, n))
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    gh = max(1, min(h, round(math.sqrt(k * h / w))))
+    gw = min(w, math.ceil(k / gh))
+    while gh * gw < k:
+        gh = min(h, gh + 1)
+        gw = min(w, math.ceil(k / gh))
+    rows = ((torch.arange(gh, dtype=torch.float64) + 0.5) * h / gh).floor().long()
+    cols = ((torch.arange(gw, dtype=torch.float64) + 0.5) * w / gw).floor().long()
+    lattice = (rows[:, None] * w + cols[None, :]).flatten()
+    m = lattice.numel()
+    pick = ((torch.arange(k, dtype=torch.float64) + 0.5) * m / k).floor().long()
+    return lattice[pick]
+
+
+@register
+class UniformScorer(Scorer):
+    """Evenly strided subset over the 2-D token grid: the pooling baseline."""
+
+    name = "uniform"
+    paper = "baseline"
+
+    def select(self, signals: Signals, k: torch.Tensor):
+        from vlmprune.kernels.select import effective_k
+        from vlmprune.scorers.base import Selection
+
+        h, w = signals.grid
+        if h * w != signals.num_tokens:
+            raise ValueError(f"uniform: grid {h}x{w} does not cover the {signals.num_tokens} visual tokens")
+        k, _ = effective_k(torch.zeros(signals.num_images, h * w), k, signals.n_valid)
+        kmax = int(k.max()) if k.numel() else 0
+        idx = torch.full((signals.num_images, kmax), -1, dtype=torch.long)
+        for i, ki in enumerate(k.tolist()):
+            idx[i, :ki] = strided_grid(h, w, ki)
+        return Selection(indices=idx.to(signals.n_valid.device))
