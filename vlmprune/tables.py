@@ -1,0 +1,55 @@
+"""README tables generated from the registries, so the docs cannot drift from the code.
+
+`python -m vlmprune.tables` rewrites the blocks between the markers in README.md."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from vlmprune.adapters.base import _ADAPTERS
+from vlmprune.scorers import available_methods, scorer_class, scorer_options
+
+MARK = "<!-- {name}:start -->\n{body}<!-- {name}:end -->"
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def methods_markdown() -> str:
+    """One row per registered method: stage, paper, options, what it does."""
+    rows = ["| method | stage | paper | options | rule |", "|---|---|---|---|---|"]
+    for name in available_methods():
+        cls = scorer_class(name)
+        opts = ", ".join(f"`{k}={v!r}`" for k, v in scorer_options(name).items()) or "—"
+        rows.append(f"| `{name}` | {cls.stage} | {cls.paper or '—'} | {opts} | {_first_line(cls.__doc__)} |")
+    return "\n".join(rows) + "\n"
+
+
+def models_markdown() -> str:
+    """One row per adapter: HF model types, classes, default position mode."""
+    rows = ["| model_type | classes | positions (default) | notes |", "|---|---|---|---|"]
+    for a in sorted(_ADAPTERS, key=lambda a: a.model_types):
+        classes = ", ".join(f"`{c}`" for c in a.model_classes)
+        types = ", ".join(f"`{t}`" for t in a.model_types)
+        rows.append(f"| {types} | {classes} | {a.default_positions} | {_first_line(a.__doc__)} |")
+    return "\n".join(rows) + "\n"
+
+
+TABLES = {"methods": methods_markdown, "models": models_markdown}
+
+
+def render(text: str) -> str:
+    """`text` with every marked table block replaced by its current content."""
+    for name, fn in TABLES.items():
+        pattern = re.compile(rf"<!-- {name}:start -->\n.*?<!-- {name}:end -->", re.S)
+        text = pattern.sub(lambda _: MARK.format(name=name, body=fn()), text)
+    return text
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path.write_text(render(path.read_text()))
+    print(f"updated tables in {path}")
