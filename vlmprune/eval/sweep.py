@@ -1,0 +1,592 @@
+"""Pruning-ratio sweeps: every method x keep (or ratio) on a task, with one model load.
+
+Pieces, each small enough to reuse:
+- `VLM`: a model plus how to turn (images, prompts) into its inputs and tokens back into text
+  (`load_vlm("tiny" | "llava-7b-shapes" | path or hub id)`).
+- `Task`: the items to evaluate (image, prompt, optional answer) and how to score an answer
+  (`make_task(None | "shapes[:DIR]" | "file.jsonl")`).
+- `run_sweep`: runs the unpruned reference and every cell, writes `results.json` after each cell
+  (a rerun skips finished cells), then `results.csv` and `accuracy_vs_tokens.png`.
+
+The metric is exact-match accuracy when every item has an answer, otherwise fidelity (greedy
+agreement with the unpruned model); first-token KL and agreement are recorded in both cases."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import platform
+import re
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from PIL import Image
+
+import vlmprune
+from vlmprune.eval.fidelity import Generation, agreement, first_token_kl, greedy
+from vlmprune.eval.tiny import PAD, left_pad, llava_7b_config, tiny_llava
+from vlmprune.eval.visualise import plot_sweep
+
+# "tiny": LLaVA-1.5's visual token count (336 px / patch 14 = 24 x 24 = 576) at a small width,
+# with a decoder heavier than the vision tower, as in the real model. Runs in seconds on a CPU.
+TINY = dict(
+    image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=4,
+    text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
+)
+BUILTIN_MODELS = ("tiny", "llava-7b-shapes")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_PROMPT = "Describe the image."
+
+
+# --- models ----------------------------------------------------------------------------------
+class VLM:
+    """A model built from a config, with a byte-level stand-in tokenizer: the prompt is
+    [BOS] + one image-token run + the prompt's bytes; images are resized to the encoder's size."""
+
+    mean = std = (0.5, 0.5, 0.5)
+
+    def __init__(self, name: str, model: torch.nn.Module):
+        self.name = name
+        self.model = model
+        self._n_visual: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def n_visual(self) -> int:
+        """Visual tokens per image, counted in the inputs of one blank image."""
+        if self._n_visual is None:
+            ids = self.inputs([Image.new("RGB", (self.image_size, self.image_size))], ["x"])["input_ids"]
+            self._n_visual = int((ids == self.image_token_id).sum())
+        return self._n_visual
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """[B, 3, S, S] normalised pixel values."""
+        s = self.image_size
+        arr = torch.stack([torch.frombuffer(bytearray(im.resize((s, s), Image.BICUBIC).tobytes()), dtype=torch.uint8)
+                           for im in images]).view(len(images), s, s, 3)
+        x = arr.permute(0, 3, 1, 2).float() / 255.0
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+    def token_ids(self, prompt: str) -> list[int]:
+        vocab = self.model.config.text_config.vocab_size
+        reserved = {PAD, 1, 2, self.image_token_id}
+        text = [3 + b % (min(vocab, 256) - 4) for b in prompt.encode()]
+        text = [t if t not in reserved else 3 for t in text]
+        n = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        extra = int(self.model.config.vision_feature_select_strategy == "full")
+        return [1] + [self.image_token_id] * (n * n + extra) + text
+
+    def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Model inputs for one image per prompt, left-padded, on the model's device."""
+        ids, mask = left_pad([self.token_ids(p) for p in prompts])
+        pv = self.pixels([im.convert("RGB") for im in images])
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "pixel_values": pv.to(self.device, self.dtype)}
+
+    def decode(self, tokens: list[int]) -> str:
+        return " ".join(str(t) for t in tokens)
+
+    def view(self, pixel_values: torch.Tensor) -> Image.Image:
+        """The image as the encoder sees it (one [3, H, W] pixel tensor, de-normalised)."""
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        x = (pixel_values.detach().float().cpu() * std + mean) * 255.0
+        arr = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+        return Image.fromarray(arr.numpy(), "RGB")
+
+
+class HFVLM(VLM):
+    """A pretrained model with its own processor (chat template when it has one)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, processor: Any):
+        super().__init__(name, model)
+        self.processor = processor
+        processor.tokenizer.padding_side = "left"
+        ip = getattr(processor, "image_processor", None)
+        self.mean = tuple(getattr(ip, "image_mean", None) or (0.0, 0.0, 0.0))
+        self.std = tuple(getattr(ip, "image_std", None) or (1.0, 1.0, 1.0))
+
+    def text(self, prompt: str) -> str:
+        if getattr(self.processor, "chat_template", None):
+            chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(chat, add_generation_prompt=True)
+        return f"USER: <image>\n{prompt} ASSISTANT:"
+
+    def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.processor(images=[im.convert("RGB") for im in images], text=[self.text(p) for p in prompts],
+                               return_tensors="pt", padding=True)
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {['auto', *DTYPES]}")
+    return DTYPES[dtype]
+
+
+def build_on(device: torch.device, dtype: torch.dtype, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Construct a model with parameters created directly on `device` in `dtype`."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            return build().eval()
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_vlm(name: str = "tiny", device: str = "auto", dtype: str = "auto", attn: str = "sdpa") -> VLM:
+    """'tiny' (random, 576 visual tokens, small width), 'llava-7b-shapes' (random weights with
+    LLaVA-1.5-7B shapes) or a local directory / hub id loaded with its processor."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name == "tiny":
+        return VLM(name, build_on(dev, dt, lambda: tiny_llava(attn=attn, **TINY)))
+    if name == "llava-7b-shapes":
+        from transformers import LlavaForConditionalGeneration
+
+        model = build_on(dev, dt, lambda: LlavaForConditionalGeneration(llava_7b_config(attn)))
+        model.generation_config.pad_token_id = PAD
+        return VLM(name, model)
+    if not Path(name).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ValueError(f"unknown model {name!r}; use one of {list(BUILTIN_MODELS)}, a local model directory "
+                         f"or a hub id 'org/name'")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dt, attn_implementation=attn).to(dev).eval()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    vlmprune.adapters.find_adapter(model)  # unsupported family: a clear error before any work
+    return HFVLM(name, model, processor)
+
+
+# --- tasks -----------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One evaluation item. `image` is a PIL image or a path opened when the item is loaded."""
+
+    id: str
+    image: Any
+    prompt: str
+    answer: str | None = None
+
+
+class Task(Protocol):
+    """What a sweep evaluates: items, and the score of a prediction against an answer."""
+
+    name: str
+
+    def items(self) -> list[Item]: ...
+
+    def score(self, prediction: str, answer: str) -> float: ...
+
+
+def normalise(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse spaces (VQA-style)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    """1.0 when the normalised prediction equals the normalised answer."""
+    return float(normalise(prediction) == normalise(answer))
+
+
+@dataclass
+class ItemsTask:
+    """A task over a fixed list of items, scored by `scorer`."""
+
+    name: str
+    item_list: list[Item]
+    scorer: Callable[[str, str], float] = exact_match
+
+    def items(self) -> list[Item]:
+        return self.item_list
+
+    def score(self, prediction: str, answer: str) -> float:
+        return float(self.scorer(prediction, answer))
+
+
+def random_images(limit: int, size: int = 336, seed: int = 0, prompt: str = DEFAULT_PROMPT) -> ItemsTask:
+    """`limit` seeded noise images with one prompt and no answers (the fidelity task)."""
+    def image(i: int) -> Image.Image:
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        arr = torch.randint(0, 256, (size // 16, size // 16, 3), generator=g, dtype=torch.uint8)
+        return Image.fromarray(arr.numpy(), "RGB").resize((size, size), Image.BILINEAR)
+
+    return ItemsTask("random-images", [Item(f"random-{i}", image(i), prompt) for i in range(limit)])
+
+
+def jsonl_task(path: str | Path, limit: int | None = None) -> ItemsTask:
+    """Lines of {"image": path (relative to the file), "question": ..., "answer": optional}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, question = row["image"], row["question"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'image' and 'question' ({e})") from e
+        answer, item_id = row.get("answer"), str(row.get("id", n))
+        if any(it.id == item_id for it in items):
+            raise ValueError(f"{path}:{n}: duplicate id {item_id!r}")
+        items.append(Item(item_id, path.parent / image, question, None if answer is None else str(answer)))
+        if limit is not None and len(items) >= limit:
+            break
+    return ItemsTask(path.stem, items)
+
+
+def shapes_task(directory: str | None, limit: int | None) -> ItemsTask:
+    """The embedded synthetic benchmark (`vlmprune.eval.shapes`): a saved split, or generated items."""
+    try:
+        from vlmprune.eval import shapes
+    except ImportError as e:
+        raise ValueError("the shapes benchmark (vlmprune.eval.shapes) is not available in this install") from e
+    objs = shapes.load_split(directory) if directory else [shapes.make_item(i) for i in range(limit or 200)]
+    objs = list(objs)[:limit] if limit is not None else list(objs)
+    items = [Item(str(getattr(o, "id", i)), o.image, o.question, o.answer) for i, o in enumerate(objs)]
+    return ItemsTask("shapes", items, shapes.score)
+
+
+def make_task(data: str | None, limit: int | None) -> Task:
+    """None -> random images (fidelity); 'shapes' or 'shapes:DIR'; or a JSONL file."""
+    if data is None:
+        return random_images(limit or 8)
+    if data == "shapes" or data.startswith("shapes:"):
+        return shapes_task(data.partition(":")[2] or None, limit)
+    return jsonl_task(data, limit)
+
+
+def load_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path (decoded now, so failures surface here)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+# --- cells -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the sweep; `method=None` is the unpruned reference."""
+
+    method: str | None = None
+    keep: int | None = None
+    ratio: float | None = None
+
+    @property
+    def key(self) -> str:
+        if self.method is None:
+            return "unpruned"
+        return f"{self.method}@keep={self.keep}" if self.keep is not None else f"{self.method}@ratio={self.ratio}"
+
+    def patch_kwargs(self) -> dict[str, Any]:
+        return {"keep": self.keep} if self.keep is not None else {"prune_ratio": self.ratio}
+
+    def kept(self, n: int) -> int:
+        """Visual tokens kept per image of n tokens."""
+        if self.method is None:
+            return n
+        return min(n, self.keep) if self.keep is not None else min(n, round(n * (1 - self.ratio)))
+
+
+def make_cells(methods: list[str], keeps: list[int] | None = None, ratios: list[float] | None = None) -> list[Cell]:
+    """methods x keeps (or x ratios), in order."""
+    if (keeps is None) == (ratios is None):
+        raise ValueError("give exactly one of keep values and prune ratios")
+    if keeps is not None:
+        return [Cell(m, keep=k) for m in methods for k in keeps]
+    return [Cell(m, ratio=r) for m in methods for r in ratios]
+
+
+def check_cells(vlm: VLM, cells: list[Cell]) -> None:
+    """Patch and unpatch once per cell, so bad methods / amounts fail before any work."""
+    for cell in cells:
+        with vlmprune.pruning(vlm.model, cell.method, **cell.patch_kwargs()):
+            pass
+
+
+@dataclass
+class Loaded:
+    """An item with its decoded image, or the error that loading it raised."""
+
+    item: Item
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+def load_items(items: Iterable[Item]) -> list[Loaded]:
+    """Decode every item's image once; failures are kept as errors."""
+    out = []
+    for it in items:
+        try:
+            out.append(Loaded(it, load_image(it.image)))
+        except Exception as e:  # noqa: BLE001 -- a bad item is recorded, the sweep goes on
+            out.append(Loaded(it, error=f"{type(e).__name__}: {e}"))
+    return out
+
+
+@dataclass
+class Outputs:
+    """What a cell produced: one record per item (JSON), per-batch timings, and the raw outputs
+    (first-token logits, greedy tokens) kept in memory for the reference comparison."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
+
+
+def run_batch(vlm: VLM, batch: list[Loaded], max_new_tokens: int) -> tuple[Generation, list[list[int]], list[int]]:
+    """Greedy generation on one batch; the kept visual tokens per image and the prefill length
+    (real tokens, after pruning) of each row."""
+    inputs = vlm.inputs([b.image for b in batch], [b.item.prompt for b in batch])
+    gen = greedy(vlm.model, inputs, max_new_tokens)
+    n = vlm.n_visual
+    if vlmprune.is_patched(vlm.model):
+        kept = [[len(s) for s in row] for row in vlmprune.last_selection(vlm.model)]
+    else:
+        images = (inputs["input_ids"] == vlm.image_token_id).sum(1) // n
+        kept = [[n] * int(i) for i in images.tolist()]
+    lengths = [int(t) - sum(n - k for k in row) for t, row in zip(inputs["attention_mask"].sum(1).tolist(), kept)]
+    return gen, kept, lengths
+
+
+def run_cell(vlm: VLM, loaded: list[Loaded], batch_size: int, max_new_tokens: int,
+             advance: Callable[[], None] = lambda: None) -> Outputs:
+    """Generate for every item in batches (after one untimed warm-up item); a failing batch is
+    retried item by item and a failing item is recorded with its error."""
+    out = Outputs()
+    for lo in loaded:
+        if lo.error:
+            out.records.append({"id": lo.item.id, "error": lo.error})
+    good = [lo for lo in loaded if not lo.error]
+    if good:  # untimed first call: one-off costs (kernel compilation, allocator) stay out of the timings
+        with contextlib.suppress(Exception):
+            run_batch(vlm, good[:1], 1)
+    for start in range(0, len(good), batch_size):
+        batch = good[start:start + batch_size]
+        for part in attempt(vlm, batch, max_new_tokens, out):
+            out.records.append({"id": part.item.id, "error": part.error})
+        advance()
+    order = {lo.item.id: i for i, lo in enumerate(loaded)}
+    out.records.sort(key=lambda r: order[r["id"]])
+    return out
+
+
+def attempt(vlm: VLM, batch: list[Loaded], max_new_tokens: int, out: Outputs) -> list[Loaded]:
+    """Run `batch` into `out`; returns the items that failed even alone (with their error)."""
+    try:
+        gen, kept, lengths = run_batch(vlm, batch, max_new_tokens)
+    except Exception as e:  # noqa: BLE001 -- isolate the failing item, record it, go on
+        if len(batch) == 1:
+            return [Loaded(batch[0].item, error=f"{type(e).__name__}: {e}")]
+        return [bad for lo in batch for bad in attempt(vlm, [lo], max_new_tokens, out)]
+    out.batches.append({"size": len(batch), "prefill_ms": 1e3 * gen.prefill_s, "ttft_ms": 1e3 * gen.ttft_s,
+                        "prefill_len": gen.prefill_len})
+    for i, lo in enumerate(batch):
+        out.raw[lo.item.id] = (gen.first_logits[i], gen.tokens[i])
+        out.records.append({
+            "id": lo.item.id, "prediction": vlm.decode(gen.tokens[i]), "answer": lo.item.answer,
+            "visual_tokens": kept[i], "prefill_tokens": lengths[i],
+        })
+    return []
+
+
+def score_records(task: Task, out: Outputs, reference: Outputs | None) -> None:
+    """Add `correct` (items with answers) and `kl` / `agree` against the reference, in place."""
+    for rec in out.records:
+        if "error" in rec:
+            continue
+        if rec.get("answer") is not None:
+            rec["correct"] = task.score(rec["prediction"], rec["answer"])
+        ref = reference.raw.get(rec["id"]) if reference else None
+        if ref is not None:
+            logits, tokens = out.raw[rec["id"]]
+            rec["kl"] = float(first_token_kl(ref[0][None], logits[None])[0])
+            rec["agree"] = agreement([ref[1]], [tokens])[0]
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarise(cell: Cell, out: Outputs, n_visual: int) -> dict[str, Any]:
+    """One table row for a cell."""
+    ok = [r for r in out.records if "error" not in r]
+    with_answer = [r for r in ok if "correct" in r]
+    has_answers = bool(ok) and len(with_answer) == len(ok)
+    row = {
+        "method": cell.method or "unpruned", "keep": cell.keep, "prune_ratio": cell.ratio,
+        "visual_tokens": cell.kept(n_visual), "items": len(out.records), "errors": len(out.records) - len(ok),
+        "accuracy": mean([r["correct"] for r in with_answer]) if has_answers else None,
+        "agreement": mean([r["agree"] for r in ok if "agree" in r]),
+        "kl": mean([r["kl"] for r in ok if "kl" in r]),
+        "prefill_tokens": mean([r["prefill_tokens"] for r in ok]),
+        "prefill_ms": median([b["prefill_ms"] for b in out.batches]) if out.batches else None,
+        "ttft_ms": median([b["ttft_ms"] for b in out.batches]) if out.batches else None,
+    }
+    row["metric_name"] = "accuracy" if has_answers else "agreement"
+    row["metric"] = row["accuracy"] if has_answers else row["agreement"]
+    return row
+
+
+# --- results files ---------------------------------------------------------------------------
+SAME_CONFIG = ("model", "data", "limit", "max_new_tokens", "dtype", "attn")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and device, recorded with the results."""
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "versions": {"vlmprune": vlmprune.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "device": f"{device} ({name})",
+    }
+
+
+def read_results(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The results of an earlier run into the same folder (its finished cells), or a new record."""
+    if not path.exists():
+        return {"config": config, "cells": {}}
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); remove it or use another --out") from e
+    old = results.get("config", {})
+    diff = {k: (old.get(k), config[k]) for k in SAME_CONFIG if old.get(k) != config[k]}
+    if diff:
+        raise ValueError(f"{path} holds a sweep with another config {diff} (old, new); use another --out")
+    results["config"] = {**old, **config, "methods": sorted(set(old.get("methods", [])) | set(config["methods"]))}
+    return results
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+CSV_COLUMNS = ("method", "keep", "prune_ratio", "visual_tokens", "metric_name", "metric", "accuracy", "agreement",
+               "kl", "prefill_tokens", "prefill_ms", "ttft_ms", "items", "errors")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclass
+class SweepSpec:
+    """Everything a sweep needs besides the model."""
+
+    model: str = "tiny"
+    methods: list[str] = field(default_factory=lambda: ["cls", "random", "uniform"])
+    keeps: list[int] | None = None
+    ratios: list[float] | None = None
+    data: str | None = None
+    limit: int | None = None
+    batch_size: int = 4
+    max_new_tokens: int = 8
+    out: str = "sweep-out"
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "out"}
+
+
+def run_sweep(spec: SweepSpec, vlm: VLM | None = None, progress: Any = None) -> dict[str, Any]:
+    """Run the unfinished cells of `spec` into `spec.out` and return the results dict.
+    `progress` is a rich Progress (or None). The reference runs again (not re-recorded) when a
+    new cell needs its outputs."""
+    out_dir = Path(spec.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    cells = make_cells(spec.methods, spec.keeps, spec.ratios)
+    results = read_results(json_path, spec.config())
+    task = make_task(spec.data, spec.limit)
+    vlm = vlm or load_vlm(spec.model, spec.device, spec.dtype, spec.attn)
+    check_cells(vlm, cells)
+    results.update(environment(vlm.device), task=task.name, n_visual=vlm.n_visual)
+    todo = [c for c in [Cell(), *cells] if c.key not in results["cells"]]
+    results["last_run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "ran": [c.key for c in todo],
+                           "skipped": [c.key for c in [Cell(), *cells] if c not in todo]}
+    if todo:
+        loaded = load_items(task.items())
+        n_batches = -(-sum(1 for lo in loaded if not lo.error) // spec.batch_size)
+        runs = 1 + sum(1 for c in todo if c.method)  # the reference always runs
+        bar = progress.add_task("sweep", total=n_batches * runs) if progress else None
+        advance = (lambda: progress.advance(bar)) if progress else (lambda: None)
+
+        def run(cell: Cell) -> Outputs:
+            if progress:
+                progress.update(bar, description=cell.key)
+            with vlmprune.pruning(vlm.model, cell.method, **cell.patch_kwargs()) if cell.method else contextlib.nullcontext():
+                return run_cell(vlm, loaded, spec.batch_size, spec.max_new_tokens, advance)
+
+        reference = run(Cell())
+        for cell in todo:
+            outputs = reference if cell.method is None else run(cell)
+            score_records(task, outputs, reference)
+            results["cells"][cell.key] = {"summary": summarise(cell, outputs, vlm.n_visual), "items": outputs.records}
+            write_json(json_path, results)
+    write_json(json_path, results)
+    rows = summary_rows(results)
+    write_csv(out_dir / "results.csv", rows)
+    plot_sweep(rows, out_dir / "accuracy_vs_tokens.png", title=f"{spec.model} on {task.name}")
+    return results
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The summary row of every finished cell, in the order they were run (reference first)."""
+    return [cell["summary"] for cell in results["cells"].values()]

@@ -1,0 +1,98 @@
+"""Pictures: kept-patch overlays on the image the encoder saw, and sweep plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vlmprune
+
+DIM = 0.3  # pruned patches are multiplied by this
+
+
+def patch_mask(kept: torch.Tensor, grid: tuple[int, int], n_visual: int | None = None) -> torch.Tensor:
+    """[h, w] bool, True at kept patches. With one extra leading token (a CLS kept as a visual
+    token, `vision_feature_select_strategy="full"`) indices are shifted past it."""
+    h, w = grid
+    offset = (n_visual or h * w) - h * w
+    if offset not in (0, 1):
+        raise ValueError(f"{n_visual} visual tokens do not form the {h}x{w} patch grid")
+    idx = kept.long().cpu() - offset
+    mask = torch.zeros(h * w, dtype=torch.bool)
+    mask[idx[idx >= 0]] = True
+    return mask.view(h, w)
+
+
+def overlay(image: Image.Image, mask: torch.Tensor, dim: float = DIM, scale: int = 1) -> Image.Image:
+    """`image` (the encoder's view, H x W divisible by the grid) with the patches where `mask` is
+    False multiplied by `dim` (rounded), the kept ones untouched; upscaled by `scale` (nearest)."""
+    h, w = mask.shape
+    arr = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    H, W = arr.shape[:2]
+    if H % h or W % w:
+        raise ValueError(f"image of {W}x{H} px does not split into the {w}x{h} patch grid")
+    pixel_mask = mask.repeat_interleave(H // h, 0).repeat_interleave(W // w, 1)
+    dimmed = (arr.double() * dim).round().to(torch.uint8)  # float64, round half to even
+    out = torch.where(pixel_mask[..., None], arr, dimmed)
+    result = Image.fromarray(out.numpy(), "RGB")
+    return result.resize((W * scale, H * scale), Image.NEAREST) if scale > 1 else result
+
+
+@torch.no_grad()
+def kept_overlay(vlm: Any, image: Image.Image, method: str = "cls", prompt: str = "Describe the image.",
+                 dim: float = DIM, **patch_kwargs: Any) -> tuple[Image.Image, torch.Tensor]:
+    """Run one prefill of `vlm` (a `sweep.VLM`) pruned with `method` on `image`; returns the
+    overlay of its kept patches on the image as the encoder saw it, and the kept indices."""
+    inputs = vlm.inputs([image], [prompt])
+    with vlmprune.pruning(vlm.model, method, **patch_kwargs):
+        vlm.model(**inputs)
+        kept = vlmprune.last_selection(vlm.model)[0][0]
+        grid = vlm.model.__dict__[vlmprune._ADAPTER].info.grid  # the patched model's adapter
+    view = vlm.view(inputs["pixel_values"][0])
+    mask = patch_mask(kept, grid, vlm.n_visual)
+    return overlay(view, mask, dim, display_scale(view.size)), kept
+
+
+def display_scale(size: tuple[int, int], target: int = 336) -> int:
+    """Integer upscale so small encoder inputs (tiny models) are visible."""
+    return max(1, target // max(size))
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Two panels against kept visual tokens per image, one line per method: the metric, and the
+    prefill time; the unpruned model is a horizontal reference line in both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = next((r for r in rows if r["method"] == "unpruned"), None)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"))
+    metric_name = (ref or rows[0])["metric_name"] if rows else "metric"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "prefill_ms", "prefill time (ms, median per batch)")):
+        for i, m in enumerate(methods):
+            pts = sorted((r["visual_tokens"], r[key]) for r in rows if r["method"] == m and r[key] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="osD^v<>p"[i % 8], markersize=8 - 1.5 * (i % 3), color=f"C{i}", label=m,
+                        linewidth=2.5 - 0.6 * (i % 3))  # sizes vary so coinciding lines stay visible
+        if ref is not None and ref[key] is not None:
+            ax.axhline(ref[key], color="0.3", linestyle="--", label=f"unpruned ({ref['visual_tokens']} tokens)")
+        xs = sorted({r["visual_tokens"] for r in rows})
+        if xs and xs[0] > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs], minor=False)
+        ax.minorticks_off()
+        ax.set_xlabel("visual tokens kept per image")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
