@@ -21,7 +21,7 @@ from vlmprune.kernels.assemble import assemble_ref
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals
 
 STATE_ATTR = "_vlmprune_state"
-SIGNAL_NAMES = ("cls_attn", "received_attn", "keys", "value_norms", "vision_hidden")
+SIGNAL_NAMES = ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden")
 _MISSING = object()
 
 
@@ -52,7 +52,7 @@ def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.T
 
 class Adapter:
     """One per model family. Subclasses set `model_types`/`model_classes` and implement
-    `encoder_info`, `visual_token_id`, `encoder_owner`, `encode_images` and `image_signals`."""
+    `encoder_info`, `visual_token_id`, `encoder_owner`, `collecting` and `encode_images`."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
     model_classes: ClassVar[tuple[str, ...]] = ()
@@ -101,7 +101,7 @@ class Adapter:
 
     def provides(self) -> set[str]:
         """Signal names this family can compute."""
-        return {"features", "cls_attn", "received_attn", "keys", "value_norms", "vision_hidden"}
+        return {"features", *SIGNAL_NAMES}
 
     # --- install --------------------------------------------------------------------------
     def install(self) -> None:

@@ -66,7 +66,7 @@ class LlavaAdapter(Adapter):
 
     def provides(self) -> set[str]:
         have = super().provides()
-        return have if self.info.has_cls else have - {"cls_attn"}
+        return have if self.info.has_cls else have - {"cls_attn", "cls_value_attn"}
 
     def visual_token_id(self) -> int:
         return self.model.config.image_token_id
@@ -97,6 +97,7 @@ def per_image_signals(got: Collected, offset: int, images: int) -> list[dict[str
     """Split batched encoder signals per image; attention rows cover the visual tokens only."""
     rows = {
         "cls_attn": {l: a[:, offset:] for l, a in got.cls_attn.items()},
+        "cls_value_attn": {l: a[:, offset:] for l, a in got.cls_value_attn.items()},
         "received_attn": {l: a[:, offset:] for l, a in got.received_attn.items()},
         "keys": got.keys,
         "value_norms": got.value_norms,

@@ -33,6 +33,16 @@ def cls_row(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1, dtype=torch.float32).mean(1)[:, 0]
 
 
+def cls_value_row(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax (unscaled) similarity of the CLS value to every token's value: [I, T]
+    float32 (FlowCut's semantic-relevance term)."""
+    heads, head_dim, _ = attn_geometry(attn)
+    i, t, _ = h.shape
+    v = attn.v_proj(h).view(i, t, heads, head_dim).transpose(1, 2)
+    logits = torch.matmul(v[:, :, :1], v.transpose(2, 3))
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).mean(1)[:, 0]
+
+
 def received_row(attn: nn.Module, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Head- and query-mean softmax attention each token receives: [I, T] float32.
     Queries are processed in chunks so the full T x T map never exists at once."""
@@ -52,6 +62,7 @@ class Collected:
     """Per-layer signals over all encoder tokens (CLS, if any, at position 0)."""
 
     cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    cls_value_attn: dict[int, torch.Tensor] = field(default_factory=dict)
     received_attn: dict[int, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -64,6 +75,8 @@ def _layer_hook(idx: int, request: Request, out: Collected):
         with torch.no_grad():
             if idx in request.cls_attn:
                 out.cls_attn[idx] = cls_row(attn, h)
+            if idx in request.cls_value_attn:
+                out.cls_value_attn[idx] = cls_value_row(attn, h)
             if idx in request.received_attn:
                 out.received_attn[idx] = received_row(attn, h)
             if idx in request.keys:
@@ -86,7 +99,9 @@ def collect(layers: nn.ModuleList, request: Request):
     """Within the block, running the encoder fills the returned `Collected` for `request`."""
     out = Collected()
     handles = []
-    attn_layers = set(request.cls_attn) | set(request.received_attn) | set(request.keys) | set(request.value_norms)
+    attn_layers = set().union(
+        request.cls_attn, request.cls_value_attn, request.received_attn, request.keys, request.value_norms
+    )
     try:
         for idx in sorted(attn_layers):
             handles.append(layers[idx].self_attn.register_forward_pre_hook(_layer_hook(idx, request, out), with_kwargs=True))

@@ -34,6 +34,7 @@ class Request:
     keys: tuple[int, ...] = ()
     value_norms: tuple[int, ...] = ()
     vision_hidden: tuple[int, ...] = ()
+    cls_value_attn: tuple[int, ...] = ()
 
     def merge(self, other: "Request") -> "Request":
         """Union of two requests (used when one forward serves several stages)."""
@@ -45,6 +46,7 @@ class Request:
             keys=uni(self.keys, other.keys),
             value_norms=uni(self.value_norms, other.value_norms),
             vision_hidden=uni(self.vision_hidden, other.vision_hidden),
+            cls_value_attn=uni(self.cls_value_attn, other.cls_value_attn),
         )
 
 
@@ -55,7 +57,12 @@ class Signals:
     Every tensor has the image as its leading dim and the visual tokens (in the order the decoder
     sees them) as the second; `n_valid[i]` says how many of the N are real for image i. Attention
     rows are float32, head-mean, over the N visual tokens (CLS excluded). `keys` and
-    `vision_hidden` are per encoder token and keep the CLS token (if any) at position 0."""
+    `vision_hidden` are per encoder token and keep the CLS token (if any) at position 0.
+
+    `cls_value_attn[l]` [I, N] float32 (FlowCut's semantic relevance): with v = v_proj of layer
+    l's layer-normed input split into heads, per head the softmax over all T encoder tokens j
+    (CLS included) of the unscaled dot product v_cls . v_j, then the head mean, restricted to the
+    N visual tokens like `cls_attn`."""
 
     n_valid: torch.Tensor
     grid: tuple[int, int]
@@ -66,6 +73,7 @@ class Signals:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
     vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    cls_value_attn: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:

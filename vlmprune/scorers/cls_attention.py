@@ -1,4 +1,5 @@
-"""Scorers that rank visual tokens by the attention the encoder's CLS token pays them."""
+"""Scorers that rank visual tokens by the attention the encoder's CLS token pays them, and the
+helpers (option checks, layer resolution, masked ranking) the other attention-based scorers share."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class ClsScorer(Scorer):
         self.layer = layer
 
     def _layer(self, info: EncoderInfo) -> int:
-        return info.feature_layer if self.layer is None else self.layer % info.num_layers
+        if self.layer is None:
+            return info.feature_layer
+        return self.layer + info.num_layers if self.layer < 0 else self.layer
 
     def needs(self, info: EncoderInfo) -> Request:
         layer = self._layer(info)
@@ -32,3 +35,124 @@ class ClsScorer(Scorer):
         layer = self._layer(signals.info)
         table = signals.cls_attn if signals.info.has_cls else signals.received_attn
         return table[layer]
+
+
+# --- helpers shared by the attention-based vision scorers (vtc_cls, visionzip, hiprune, flowcut) ---
+
+
+def check_int(method: str, name: str, value, *, allow_none: bool = False) -> None:
+    """TypeError unless `value` is an int (not a bool), or None where allowed."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{method}: {name} must be {kind}, got {value!r}")
+
+
+def check_number(
+    method: str, name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+    """The value as a float; TypeError unless a real number, ValueError outside the interval."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{method}: {name} must be a number, got {value!r}")
+    value = float(value)
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above or value != value:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{method}: {name} must be in {interval}, got {value!r}")
+    return value
+
+
+def resolve_layer(method: str, name: str, layer: int, info: EncoderInfo) -> int:
+    """A 0-based encoder layer index (negative counts from the end), checked against the encoder."""
+    idx = layer + info.num_layers if layer < 0 else layer
+    if not 0 <= idx < info.num_layers:
+        raise ValueError(
+            f"{method}: {name}={layer!r} is outside this encoder's layers "
+            f"(0..{info.num_layers - 1}, or -{info.num_layers}..-1 from the end)"
+        )
+    return idx
+
+
+def attention_request(info: EncoderInfo, layers) -> Request:
+    """CLS attention of `layers`, or the mean received attention on encoders without CLS."""
+    layers = tuple(sorted(set(layers)))
+    return Request(cls_attn=layers) if info.has_cls else Request(received_attn=layers)
+
+
+def attention(signals: Signals, layer: int, method: str) -> torch.Tensor:
+    """[I, N] float32 head-mean CLS attention of `layer` (received attention without CLS)."""
+    table, kind = (signals.cls_attn, "cls_attn") if signals.info.has_cls else (signals.received_attn, "received_attn")
+    if layer not in table:
+        raise ValueError(f"{method}: {kind} of layer {layer} is missing; got layers {sorted(table)}")
+    return table[layer].float()
+
+
+def valid_mask(n_valid: torch.Tensor, n: int, device) -> torch.Tensor:
+    """[I, N] bool: token j of image i is real (j < n_valid[i])."""
+    return torch.arange(n, device=device)[None, :] < n_valid.to(device)[:, None]
+
+
+def rank(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per row, all N token indices ordered: allowed tokens first by descending score (ties to
+    the lower index, NaN lowest), then the disallowed ones. [I, N] long."""
+    s = scores.float().nan_to_num(nan=float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    ok = allowed.gather(1, order).to(torch.int8)
+    return order.gather(1, torch.sort(ok, dim=1, descending=True, stable=True).indices)
+
+
+def pack(keep: torch.Tensor) -> torch.Tensor:
+    """[I, N] bool mask -> [I, kmax] ascending indices, padded with -1."""
+    n = keep.shape[1]
+    counts = keep.sum(1)
+    kmax = int(counts.max()) if keep.shape[0] else 0
+    pos = torch.arange(n, device=keep.device).expand_as(keep)
+    idx = torch.sort(torch.where(keep, pos, n), dim=1).values[:, :kmax]
+    return idx.masked_fill(idx == n, -1)
+
+
+def budget(k: torch.Tensor, n_valid: torch.Tensor, device) -> list[int]:
+    """Per image, k clipped to [0, n_valid]."""
+    k = k.to(device=device, dtype=torch.long)
+    if (k < 0).any():
+        raise ValueError(f"k must be >= 0, got {k.tolist()}")
+    return torch.minimum(k, n_valid.to(device=device, dtype=torch.long)).tolist()
+
+
+@register
+class VtcClsScorer(Scorer):
+    """VTC-CLS: top-k of the mean, over several encoder layers, of the head-mean CLS->patch
+    attention (an ensemble of the per-layer CLS rankings).
+
+    `layers`: 0-based encoder layers (negative counts from the end). Default (None): every layer
+    from the middle of the encoder (`num_layers // 2`) through the feature layer, e.g. 12..22 for
+    CLIP-L/336 in LLaVA-1.5. The paper ensembles the layers from a start layer up to the
+    penultimate layer (the LLaVA feature layer) and tunes the start layer per benchmark; starting
+    at half depth is our fixed, depth-independent choice. Mean and sum rank alike. On encoders
+    without a CLS token the mean received attention replaces it, as for `cls`."""
+
+    name = "vtc_cls"
+    paper = "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS), 2024"
+
+    def __init__(self, layers: list[int] | tuple[int, ...] | None = None):
+        if layers is not None:
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise TypeError(f"vtc_cls: layers must be a non-empty list of ints or None, got {layers!r}")
+            for layer in layers:
+                check_int(self.name, "layers entry", layer)
+            layers = tuple(layers)
+        self.layers = layers
+
+    def _layers(self, info: EncoderInfo) -> tuple[int, ...]:
+        if self.layers is None:
+            return tuple(range(min(info.num_layers // 2, info.feature_layer), info.feature_layer + 1))
+        return tuple(sorted({resolve_layer(self.name, "layers", layer, info) for layer in self.layers}))
+
+    def needs(self, info: EncoderInfo) -> Request:
+        return attention_request(info, self._layers(info))
+
+    def score(self, signals: Signals) -> torch.Tensor:
+        layers = self._layers(signals.info)
+        return torch.stack([attention(signals, layer, self.name) for layer in layers]).mean(0)

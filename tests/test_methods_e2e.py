@@ -1,0 +1,65 @@
+"""Every registered vision-stage method through the adapter's oracles: pruned logits == the
+unpatched model fed the kept (or merged) visual tokens by hand; batched generate == per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmprune
+from vlmprune.adapters.base import run_scorer
+from vlmprune.scorers import scorer_class
+from tests.conftest import left_pad, pixels, prompt, tiny_llava
+from tests.test_llava import image_features, oracle_row
+
+VISION_METHODS = [m for m in vlmprune.available_methods() if scorer_class(m).stage == "vision"]
+
+
+def placed_features(model, pv, kept):
+    """What belongs at the kept places: the scorer's merged features for merging methods,
+    else the original features at the kept indices."""
+    feats = image_features(model, pv)
+    adapter = model._vlmprune_adapter
+    with torch.no_grad():
+        enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
+        signals = adapter.signals_for(enc)
+        k = torch.tensor([len(s) for s in kept])
+        idx, out = run_scorer(adapter.stage.scorer, signals, signals.features, k)
+    for i, sel in enumerate(kept):
+        assert torch.equal(idx[i][idx[i] >= 0], sel)
+    return [torch.zeros_like(f).index_copy_(0, sel, out[i, : len(sel)]) for i, (f, sel) in enumerate(zip(feats, kept))]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+@pytest.mark.parametrize("keep", [1, 6])
+def test_method_matches_hand_fed_oracle(method, keep):
+    model = tiny_llava(seed=3)
+    ids = prompt(2, seed=13)
+    pv = pixels(2, seed=14)
+    vlmprune.patch(model, method=method, keep=keep)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
+    kept = vlmprune.last_selection(model)[0]
+    assert [len(k) for k in kept] == [keep, keep]
+    feats = placed_features(model, pv, kept)
+    vlmprune.unpatch(model)
+    ref = oracle_row(model, ids, feats, kept, "compact")
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_method_batched_generate_equals_rows_alone(method):
+    model = tiny_llava(seed=4)
+    rows = [prompt(2, seed=15), prompt(0, seed=16), prompt(1, seed=17, after=6)]
+    n_img = [2, 0, 1]
+    pv_rows = [pixels(n, seed=50 + i) for i, n in enumerate(n_img)]
+    vlmprune.patch(model, method=method, keep=5)
+    ids, mask = left_pad(rows)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        new = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pv_rows), **gen)[:, ids.shape[1]:]
+        assert [len(r) for r in vlmprune.last_selection(model)] == n_img
+        for i, row in enumerate(rows):
+            kwargs = {"pixel_values": pv_rows[i]} if n_img[i] else {}
+            alone = model.generate(input_ids=torch.tensor([row]), **kwargs, **gen)[0, len(row):]
+            assert torch.equal(new[i], alone), (method, i)
