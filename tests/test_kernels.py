@@ -1,0 +1,431 @@
+"""Kernels of DESIGN §4 against oracles: `select_tokens` and `maxmin_select` references against
+plain Python loops, hand-made inputs with known answers, and the Triton kernels (run on CPU by
+the Triton interpreter) against the references, bit for bit."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# The Triton interpreter must be chosen before Triton is imported. When Triton is already loaded
+# (pytest's conftest imports transformers, which imports it through torch._dynamo), the Triton
+# tests of this file skip here and `test_interpreter_checks_in_fresh_process` runs them in a fresh
+# process with TRITON_INTERPRET=1. Run alone (`TRITON_INTERPRET=1 pytest ...`) they run here.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from vlmprune.kernels import maxmin as mm  # noqa: E402
+from vlmprune.kernels import maxmin_naive_ref, maxmin_select, maxmin_select_ref, select_tokens, select_tokens_ref  # noqa: E402
+
+INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_checks_in_fresh_process")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(test_files: list[str], expect_at_least: int) -> None:
+    """Run the tests of `test_files` whose names contain 'triton' in a fresh interpreter-mode
+    process; fail with its output unless they all pass."""
+    env = {k: v for k, v in os.environ.items() if k != "VLMPRUNE_KERNELS"}
+    env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "pytest", *test_files, "-p", "no:cacheprovider", "--noconftest", "-k", "triton"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = res.stdout[-6000:] + res.stderr[-3000:]
+    assert res.returncode == 0, out
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed and int(passed.group(1)) >= expect_at_least and "skipped" not in res.stdout, out
+
+
+def _interpreted(name: str):
+    """The Triton module with interpreted kernels (re-imported if it was first loaded without)."""
+    mod = importlib.import_module(name)
+    if not mod.can_launch(torch.zeros(1)):
+        mod = importlib.reload(mod)
+    assert mod.can_launch(torch.zeros(1))
+    return mod
+
+
+st = _interpreted("vlmprune.kernels.select_triton") if INTERPRETED else None
+mt = _interpreted("vlmprune.kernels.maxmin_triton") if INTERPRETED else None
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the Triton tests run in this process")
+def test_interpreter_checks_in_fresh_process():
+    """This file's Triton tests and test_diversity.py's, in a fresh TRITON_INTERPRET=1 process."""
+    here = Path(__file__).resolve()
+    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=35)
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Make any fallback of the Triton wrappers to the torch reference an error."""
+
+    def boom(*a, **k):
+        raise AssertionError("the Triton wrapper fell back to the torch reference")
+
+    monkeypatch.setattr(st, "select_tokens_ref", boom)
+    monkeypatch.setattr(mt, "maxmin_select_ref", boom)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_tokens
+
+
+def loop_select(scores: torch.Tensor, feats, k: torch.Tensor, valid):
+    """Plain-Python oracle: per row, sort the valid positions by (score desc, index asc) with NaN
+    read as -inf, keep the first k, return them ascending; gather rows by hand."""
+    b, n = scores.shape
+    valid = [n] * b if valid is None else [min(int(v), n) for v in valid]
+    picks = []
+    for r in range(b):
+        vals = [float(x) for x in scores[r].float()]
+        vals = [-math.inf if math.isnan(x) else x for x in vals]
+        ranked = sorted(range(valid[r]), key=lambda i: (-vals[i], i))
+        picks.append(sorted(ranked[: min(int(k[r]), valid[r])]))
+    kmax = max((len(p) for p in picks), default=0)
+    idx = torch.full((b, kmax), -1, dtype=torch.long)
+    for r, p in enumerate(picks):
+        idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+    if feats is None:
+        return idx, None
+    out = torch.zeros((b, kmax, feats.shape[2]), dtype=feats.dtype)
+    for r, p in enumerate(picks):
+        for j, i in enumerate(p):
+            out[r, j] = feats[r, i]
+    return idx, out
+
+
+SPECIAL = [float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.0]
+
+
+def ragged_case(seed: int, b: int = 4, n_max: int = 40, d: int = 8, dtype=torch.float32, ties: bool = True):
+    """Scores with ties (integer values), NaN, +-0, +-inf and subnormals; k in {0, valid, > valid,
+    random}; valid in [0, N]."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, n_max + 1, (1,), generator=g))
+    if ties:
+        scores = torch.randint(-3, 4, (b, n), generator=g).float()
+    else:
+        scores = torch.randn(b, n, generator=g)
+    special = torch.tensor(SPECIAL)
+    hit = torch.rand(b, n, generator=g) < 0.2
+    scores[hit] = special[torch.randint(0, len(SPECIAL), (int(hit.sum()),), generator=g)]
+    valid = torch.randint(0, n + 1, (b,), generator=g)
+    valid[0] = n
+    k = torch.randint(0, n + 1, (b,), generator=g)
+    k[0] = 0
+    if b > 1:
+        k[1] = valid[1]
+    if b > 2:
+        k[2] = valid[2] + 3
+    feats = torch.randn(b, n, d, generator=g).to(dtype)
+    return scores, feats, k, valid
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_ref_matches_python_loop(seed):
+    scores, feats, k, valid = ragged_case(seed, ties=seed % 2 == 0)
+    idx, out = select_tokens_ref(scores, feats, k, valid)
+    exp_idx, exp_out = loop_select(scores, feats, k, valid)
+    assert torch.equal(idx, exp_idx)
+    assert torch.equal(out, exp_out)
+
+
+def test_select_ref_known_answers():
+    nan = float("nan")
+    scores = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 2.0, 3.0, 0.0],  # ties at the threshold: lower indices win
+            [nan, -1.0, nan, -0.0, 0.0, 5.0],  # NaN lowest; -0 == +0 -> index order
+            [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],  # valid = 3: positions 3..5 never chosen
+        ]
+    )
+    idx, _ = select_tokens_ref(scores, None, torch.tensor([2, 4, 5]), torch.tensor([6, 6, 3]))
+    assert idx.tolist() == [[1, 2, -1, -1], [1, 3, 4, 5], [0, 1, 2, -1]]
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_triton_matches_ref(seed, dtype, no_fallback):
+    scores, feats, k, valid = ragged_case(100 + seed, dtype=dtype, ties=seed % 2 == 0)
+    idx, out = st.select_tokens_triton(scores, feats, k, valid)
+    exp_idx, exp_out = select_tokens_ref(scores, feats, k, valid)
+    assert idx.dtype == torch.long and out.dtype == dtype
+    assert torch.equal(idx, exp_idx)
+    assert torch.equal(out, exp_out)
+    assert torch.equal(idx, loop_select(scores, feats, k, valid)[0])
+
+
+@interpreted
+def test_select_triton_edge_cases(no_fallback):
+    g = torch.Generator().manual_seed(7)
+    # all k = 0: empty results of the right shapes
+    s = torch.randn(3, 10, generator=g)
+    f = torch.randn(3, 10, 4, generator=g).half()
+    idx, out = st.select_tokens_triton(s, f, torch.zeros(3, dtype=torch.long), None)
+    assert idx.shape == (3, 0) and out.shape == (3, 0, 4) and out.dtype == torch.float16
+    # feats None, all-NaN row, all-equal row, valid = 0 row, fp16 scores, no valid given
+    s = torch.randn(4, 33, generator=g)
+    s[0] = float("nan")
+    s[1] = 2.5
+    k = torch.tensor([5, 7, 4, 40])
+    for valid in (None, torch.tensor([33, 20, 0, 31])):
+        idx, out = st.select_tokens_triton(s.half(), None, k, valid)
+        assert out is None
+        assert torch.equal(idx, select_tokens_ref(s.half(), None, k, valid)[0])
+    idx, _ = st.select_tokens_triton(s, None, k, torch.tensor([33, 20, 0, 31]))
+    assert idx[0, :5].tolist() == [0, 1, 2, 3, 4] and idx[1, :7].tolist() == list(range(7))
+    assert (idx[2] == -1).all() and idx[3, :31].tolist() == list(range(31)) and (idx[3, 31:] == -1).all()
+    # a strided (non-contiguous) feature view gathers the same rows
+    base = torch.randn(2, 6, 17, generator=g)
+    f = base.transpose(1, 2)  # [2, 17, 6], strides (102, 1, 17)
+    s = torch.randn(2, 17, generator=g)
+    k = torch.tensor([3, 17])
+    idx, out = st.select_tokens_triton(s, f, k, None)
+    exp_idx, exp_out = select_tokens_ref(s, f, k, None)
+    assert torch.equal(idx, exp_idx) and torch.equal(out, exp_out)
+
+
+@interpreted
+def test_select_triton_long_row(no_fallback):
+    """A row long enough for a multi-warp program (any-res sizes use the same code)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(0, 50, (2, 700), generator=g).float()
+    f = torch.randn(2, 700, 3, generator=g).bfloat16()
+    k, valid = torch.tensor([64, 200]), torch.tensor([700, 650])
+    idx, out = st.select_tokens_triton(s, f, k, valid)
+    exp_idx, exp_out = select_tokens_ref(s, f, k, valid)
+    assert torch.equal(idx, exp_idx) and torch.equal(out, exp_out)
+
+
+@interpreted
+def test_select_dispatcher_triton(monkeypatch):
+    scores, feats, k, valid = ragged_case(5)
+    exp = select_tokens_ref(scores, feats, k, valid)
+    calls = []
+    real = st.select_tokens_triton
+    monkeypatch.setattr(st, "select_tokens_triton", lambda *a: calls.append(1) or real(*a))
+    for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):  # auto on CPU -> reference
+        monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
+        idx, out = select_tokens(scores, feats, k, valid)
+        assert torch.equal(idx, exp[0]) and torch.equal(out, exp[1])
+        assert len(calls) == n_calls, mode
+
+
+# ---------------------------------------------------------------------------------------------
+# maxmin_select
+
+
+def loop_maxmin(x: torch.Tensor, k: int, valid: int, first: int | None = None):
+    """Plain-Python oracle on the full float64 distance matrix of one image: returns the picks in
+    selection order and the smallest non-zero gap between the best and second-best candidate
+    (exact ties, such as two mutual nearest neighbours for the first pick, go to the lower index)."""
+    rows = [[float(v) for v in x[i].double()] for i in range(valid)]
+    norms = [math.sqrt(sum(v * v for v in r)) for r in rows]
+    d = [[1.0 - sum(a * b for a, b in zip(ri, rj)) / (ni * nj) for rj, nj in zip(rows, norms)] for ri, ni in zip(rows, norms)]
+    gap = math.inf
+
+    def best(values: dict[int, float]) -> int:
+        nonlocal gap
+        ranked = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))
+        if len(ranked) > 1 and ranked[0][1] != ranked[1][1]:
+            gap = min(gap, ranked[0][1] - ranked[1][1])
+        return ranked[0][0]
+
+    if k == 0:
+        return [], gap
+    if first is None:
+        first = best({i: min((d[i][j] for j in range(valid) if j != i), default=math.inf) for i in range(valid)})
+    picks = [first]
+    while len(picks) < k:
+        picks.append(best({i: min(d[s][i] for s in picks) for i in range(valid) if i not in picks}))
+    return picks, gap
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_maxmin_ref_matches_python_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, dim = 24, 16
+    x = torch.randn(2, n, dim, generator=g)
+    valid = torch.tensor([n, n - 5])
+    first = torch.tensor([int(torch.randint(0, n, (1,), generator=g)), 3])
+    for k in (1, 7, n - 1, n):
+        kk = torch.tensor([k, k])
+        for fst in (None, first):
+            idx, order = maxmin_select_ref(x, kk, valid, fst, return_order=True)
+            for b in range(2):
+                v = int(valid[b])
+                exp, gap = loop_maxmin(x[b], min(k, v), v, None if fst is None else int(fst[b]))
+                assert gap > 1e-5  # no float32-vs-float64 near ties in this data
+                got = order[b][order[b] >= 0].tolist()
+                assert got == exp, (k, b, fst)
+                assert idx[b][idx[b] >= 0].tolist() == sorted(exp)
+                assert (idx[b][len(exp):] == -1).all() and (order[b][len(exp):] == -1).all()
+
+
+def test_cosine_distance_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 12, generator=g).bfloat16()
+    x[1, 4] = 0  # zero vector: distance 1 to everything
+    d = mm.cosine_distance(x)
+    xd = x.double()
+    nd = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    exp = 1 - nd @ nd.transpose(1, 2)
+    assert d.dtype == torch.float32 and torch.allclose(d.double(), exp, atol=1e-6)
+    assert torch.equal(d[1, 4], torch.ones(9)) and torch.equal(d[1, :, 4], torch.ones(9))
+
+
+def circle(copies: list[int], seed: int = 0, dim: int = 6):
+    """8 equally spaced unit directions in a plane of R^dim (integer coordinates, so all
+    axis/diagonal distances are exact), direction a repeated copies[a] times with power-of-two
+    scales (cosine distances unchanged, exactly), in a shuffled order. Returns the features and
+    the direction of each token."""
+    coords = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
+    dirs = [a for a, c in enumerate(copies) for _ in range(c)]
+    perm = torch.randperm(len(dirs), generator=torch.Generator().manual_seed(seed)).tolist()
+    dirs = [dirs[p] for p in perm]
+    x = torch.zeros(len(dirs), dim)
+    for i, a in enumerate(dirs):
+        x[i, 1], x[i, 3] = coords[a]
+        x[i] *= (0.5, 1.0, 4.0)[i % 3]
+    return x, dirs
+
+
+def circle_expected(dirs: list[int], first_dir: int) -> list[int]:
+    """The first 8 picks, derived by hand: from a start direction a, the opposite one (d = 2),
+    then the two at 90 degrees (d = 1, a tie: lower index first), then the four diagonals (each
+    at 1 - cos 45 from its nearest pick, a tie: by lowest index); every direction is represented
+    by its lowest-index token."""
+    low = {a: min(i for i, x in enumerate(dirs) if x == a) for a in set(dirs)}
+    a = first_dir
+    quarter = sorted([low[(a + 2) % 8], low[(a + 6) % 8]])
+    diag = sorted(low[(a + o) % 8] for o in (1, 3, 5, 7))
+    return [low[a], low[(a + 4) % 8], *quarter, *diag]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_maxmin_circle_divprune_known_answer(seed):
+    copies = [1, 3, 2, 3, 2, 2, 3, 2]  # direction 0 alone: the only token with no twin -> first
+    x, dirs = circle(copies, seed)
+    n = len(dirs)
+    exp = circle_expected(dirs, 0)
+    idx, order = maxmin_select_ref(x[None], torch.tensor([n]), return_order=True)
+    order = order[0].tolist()
+    assert order[:8] == exp
+    # no duplicate before all 8 directions are taken; afterwards only duplicates remain
+    assert sorted(dirs[i] for i in order[:8]) == list(range(8))
+    assert idx[0].tolist() == list(range(n))
+    idx8 = maxmin_select_ref(x[None], torch.tensor([8]))
+    assert idx8[0].tolist() == sorted(exp)
+    assert torch.equal(maxmin_naive_ref(x[None], torch.tensor([8])), idx8)
+
+
+def test_maxmin_circle_kcenter_known_answer():
+    x, dirs = circle([2, 3, 2, 2, 3, 2, 2, 2], seed=4)
+    start = max(i for i, a in enumerate(dirs) if a == 2)  # a duplicate, not the lowest index
+    _, order = maxmin_select_ref(x[None], torch.tensor([8]), first=torch.tensor([start]), return_order=True)
+    exp = circle_expected(dirs, 2)
+    assert order[0].tolist() == [start, *exp[1:]]
+
+
+def test_maxmin_valid_padding_and_batch_invariance():
+    x, dirs = circle([1, 2, 2, 2, 2, 2, 2, 2], seed=1)
+    n = len(dirs)
+    junk = torch.full((5, x.shape[1]), 7.0)  # padding that would be far from everything
+    junk[:, 0] = -100.0
+    batch = torch.stack([torch.cat([x, junk]), torch.cat([x[:9], torch.zeros(n + 5 - 9, x.shape[1])])])
+    idx = maxmin_select_ref(batch, torch.tensor([10, 30]), torch.tensor([n, 9]))
+    assert idx.shape == (2, 10)
+    assert (idx[0] < n).all() and (idx[1][idx[1] >= 0] < 9).all() and (idx[1, 9:] == -1).all()
+    assert torch.equal(idx[0], maxmin_select_ref(x[None], torch.tensor([10]))[0])
+    assert torch.equal(idx[1, :9], torch.arange(9))
+
+
+def test_maxmin_errors():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="first"):
+        maxmin_select_ref(x, torch.tensor([2, 2]), torch.tensor([5, 3]), first=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        maxmin_select_ref(x, torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match="B, N, D"):
+        maxmin_select_ref(x[0], torch.tensor([1]))
+    # k = 0 rows accept any first; empty batches give [0, 0]
+    assert maxmin_select_ref(x, torch.tensor([0, 0]), first=torch.tensor([9, 9])).shape == (2, 0)
+    assert maxmin_select_ref(torch.zeros(0, 5, 3), torch.zeros(0, dtype=torch.long)).shape == (0, 0)
+
+
+def maxmin_case(seed: int, b: int = 3, n_max: int = 40, d: int = 6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, n_max + 1, (1,), generator=g))
+    x = torch.randn(b, n, d, generator=g)
+    if seed % 2:  # coarse values: many exact duplicates and distance ties
+        x = x.sign()
+    valid = torch.randint(0, n + 1, (b,), generator=g)
+    valid[0] = n
+    k = torch.randint(0, n + 1, (b,), generator=g)
+    k[0] = n
+    if b > 1:
+        k[1] = valid[1] + 2
+    if b > 2:
+        k[2] = 0 if seed % 3 == 0 else 1
+    first = (torch.rand(b, generator=g) * valid.clamp(min=1)).long()
+    return x.to(dtype), k, valid, first
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seeded", [False, True])
+def test_maxmin_triton_matches_ref(seed, seeded, no_fallback):
+    x, k, valid, first = maxmin_case(seed, dtype=torch.bfloat16 if seed % 3 == 1 else torch.float32)
+    fst = first if seeded else None
+    idx, order = mt.maxmin_select_triton(x, k, valid, fst, return_order=True)
+    exp_idx, exp_order = mm.maxmin_select_ref(x, k, valid, fst, return_order=True)
+    assert torch.equal(idx, exp_idx) and torch.equal(order, exp_order)
+    assert torch.equal(idx, maxmin_naive_ref(x, k, valid, fst))
+
+
+@interpreted
+def test_maxmin_triton_circle_and_edges(no_fallback):
+    x, dirs = circle([1, 3, 2, 3, 2, 2, 3, 2], seed=2)
+    _, order = mt.maxmin_select_triton(x[None], torch.tensor([8]), return_order=True)
+    assert order[0].tolist() == circle_expected(dirs, 0)
+    # all k = 0, a single valid token, valid = 0
+    assert mt.maxmin_select_triton(x[None], torch.tensor([0])).shape == (1, 0)
+    x2 = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(1))
+    k, valid = torch.tensor([3, 3, 2]), torch.tensor([1, 0, 7])
+    for fst in (None, torch.tensor([0, 0, 6])):
+        got = mt.maxmin_select_triton(x2, k, valid, fst, return_order=True)
+        exp = mm.maxmin_select_ref(x2, k, valid, fst, return_order=True)
+        assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+        assert got[0][0].tolist() == [0, -1] and got[0][1].tolist() == [-1, -1]
+
+
+@interpreted
+def test_maxmin_triton_long_row(no_fallback):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 600, 8, generator=g).bfloat16()
+    k = torch.tensor([24])
+    assert torch.equal(mt.maxmin_select_triton(x, k), mm.maxmin_select_ref(x, k))
+
+
+@interpreted
+def test_maxmin_dispatcher_triton(monkeypatch):
+    x, k, valid, first = maxmin_case(3)
+    exp = maxmin_select_ref(x, k, valid, first)
+    calls = []
+    real = mt.maxmin_select_triton
+    monkeypatch.setattr(mt, "maxmin_select_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):  # auto on CPU -> reference
+        monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
+        assert torch.equal(maxmin_select(x, k, valid, first), exp)
+        assert len(calls) == n_calls, mode
