@@ -36,7 +36,7 @@ def test_available_methods_and_models():
         (dict(method="cls", prune_ratio=-0.1), ValueError, ["-0.1", "[0, 1)"]),
         (dict(method="random", keep=4, sed=3), TypeError, ["'sed'", "seed"]),
         (dict(method="cls", keep=4, positions="middle"), ValueError, ["'middle'", "compact", "original"]),
-        (dict(method="cls", keep=4, layer=9), ValueError, ["[9]", "0..3"]),
+        (dict(method="cls", keep=4, layer=9), ValueError, ["layer=9", "0..3"]),
     ],
 )
 def test_errors_name_value_and_allowed(kwargs, exc, words):

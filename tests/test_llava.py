@@ -7,7 +7,16 @@ import pytest
 import torch
 
 import vlmprune
-from tests.conftest import IMAGE_TOKEN, N_VIS, left_pad, pixels, prompt, tiny_llava
+from tests.conftest import (
+    IMAGE_TOKEN,
+    N_VIS,
+    assert_generate_batch_equals_rows,
+    batch_of_rows,
+    left_pad,
+    pixels,
+    prompt,
+    tiny_llava,
+)
 
 METHODS = ["random", "uniform", "cls"]
 
@@ -137,9 +146,8 @@ def test_uniform_and_random_selections():
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_batched_forward_equals_per_sample(positions):
     model = tiny_llava()
-    rows = [prompt(2, seed=10), prompt(0, seed=11), prompt(1, seed=12, after=9)]
     n_img = [2, 0, 1]
-    pv_rows = [pixels(n, seed=20 + i) for i, n in enumerate(n_img)]
+    rows, pv_rows = batch_of_rows(n_img, seed=10)
     vlmprune.patch(model, method="cls", keep=3, positions=positions)
     ids, mask = left_pad(rows)
     with torch.no_grad():
@@ -159,19 +167,8 @@ def test_batched_forward_equals_per_sample(positions):
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_generate_left_padded_batch_equals_rows_alone(positions):
     model = tiny_llava()
-    rows = [prompt(0, seed=30), prompt(2, seed=31), prompt(1, seed=32, after=7)]
-    n_img = [0, 2, 1]
-    pv_rows = [pixels(n, seed=40 + i) for i, n in enumerate(n_img)]
     vlmprune.patch(model, method="cls", keep=4, positions=positions)
-    ids, mask = left_pad(rows)
-    gen = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pv_rows), **gen)
-        new = out[:, ids.shape[1]:]
-        for i, row in enumerate(rows):
-            kwargs = {"pixel_values": pv_rows[i]} if n_img[i] else {}
-            alone = model.generate(input_ids=torch.tensor([row]), **kwargs, **gen)[0, len(row):]
-            assert torch.equal(new[i], alone), (i, new[i], alone)
+    assert_generate_batch_equals_rows(model, [0, 2, 1], seed=30, new_tokens=6)
 
 
 def test_generate_matches_manual_decode_oracle():

@@ -9,7 +9,7 @@ import torch
 import vlmprune
 from vlmprune.adapters.base import run_scorer
 from vlmprune.scorers import scorer_class
-from tests.conftest import left_pad, pixels, prompt, tiny_llava
+from tests.conftest import assert_generate_batch_equals_rows, pixels, prompt, tiny_llava
 from tests.test_llava import image_features, oracle_row
 
 VISION_METHODS = [m for m in vlmprune.available_methods() if scorer_class(m).stage == "vision"]
@@ -50,16 +50,5 @@ def test_method_matches_hand_fed_oracle(method, keep):
 @pytest.mark.parametrize("method", VISION_METHODS)
 def test_method_batched_generate_equals_rows_alone(method):
     model = tiny_llava(seed=4)
-    rows = [prompt(2, seed=15), prompt(0, seed=16), prompt(1, seed=17, after=6)]
-    n_img = [2, 0, 1]
-    pv_rows = [pixels(n, seed=50 + i) for i, n in enumerate(n_img)]
     vlmprune.patch(model, method=method, keep=5)
-    ids, mask = left_pad(rows)
-    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        new = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pv_rows), **gen)[:, ids.shape[1]:]
-        assert [len(r) for r in vlmprune.last_selection(model)] == n_img
-        for i, row in enumerate(rows):
-            kwargs = {"pixel_values": pv_rows[i]} if n_img[i] else {}
-            alone = model.generate(input_ids=torch.tensor([row]), **kwargs, **gen)[0, len(row):]
-            assert torch.equal(new[i], alone), (method, i)
+    assert_generate_batch_equals_rows(model, [2, 0, 1], seed=15, new_tokens=4)

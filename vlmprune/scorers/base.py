@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -166,4 +166,3 @@ def build_scorer(name: str, **kwargs) -> Scorer:
     return cls(**kwargs)
 
 
-ScoreFn = Callable[[Signals], torch.Tensor]

@@ -18,23 +18,19 @@ class ClsScorer(Scorer):
     paper = "[CLS] Attention is All You Need for Training-Free Visual Token Pruning (FasterVLM), 2024"
 
     def __init__(self, layer: int | None = None):
-        if layer is not None and not isinstance(layer, int):
-            raise TypeError(f"cls: layer must be an int or None, got {layer!r}")
+        check_int(self.name, "layer", layer, allow_none=True)
         self.layer = layer
 
     def _layer(self, info: EncoderInfo) -> int:
         if self.layer is None:
             return info.feature_layer
-        return self.layer + info.num_layers if self.layer < 0 else self.layer
+        return resolve_layer(self.name, "layer", self.layer, info)
 
     def needs(self, info: EncoderInfo) -> Request:
-        layer = self._layer(info)
-        return Request(cls_attn=(layer,)) if info.has_cls else Request(received_attn=(layer,))
+        return attention_request(info, [self._layer(info)])
 
     def score(self, signals: Signals) -> torch.Tensor:
-        layer = self._layer(signals.info)
-        table = signals.cls_attn if signals.info.has_cls else signals.received_attn
-        return table[layer]
+        return attention(signals, self._layer(signals.info), self.name)
 
 
 # --- helpers shared by the attention-based vision scorers (vtc_cls, visionzip, hiprune, flowcut) ---

@@ -7,6 +7,7 @@ import torch
 
 from vlmprune.kernels.maxmin import maxmin_select
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
+from vlmprune.scorers.cls_attention import ClsScorer
 
 
 def _features(signals: Signals, method: str) -> torch.Tensor:
@@ -37,7 +38,7 @@ class DivPruneScorer(Scorer):
 
 
 @register
-class KCenterScorer(Scorer):
+class KCenterScorer(ClsScorer):
     """Greedy k-center (ToDRE stage 1): max-min diversity on 1 - cos of the post-projector
     features, seeded by the token with the highest head-mean CLS attention.
 
@@ -50,30 +51,12 @@ class KCenterScorer(Scorer):
     name = "kcenter"
     paper = "ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large Vision-Language Models, 2025"
 
-    def __init__(self, layer: int | None = None):
-        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
-            raise TypeError(f"kcenter: layer must be an int or None, got {layer!r}")
-        self.layer = layer
-
-    def _layer(self, info: EncoderInfo) -> int:
-        if self.layer is None:
-            return info.feature_layer
-        return self.layer + info.num_layers if self.layer < 0 else self.layer
-
     def needs(self, info: EncoderInfo) -> Request:
-        layer = self._layer(info)
-        if info.has_cls:
-            return Request(features=True, cls_attn=(layer,))
-        return Request(features=True, received_attn=(layer,))
+        return Request(features=True).merge(super().needs(info))
 
     def seed(self, signals: Signals) -> torch.Tensor:
         """Per image, the valid token with the highest attention (ties: lower index; NaN lowest)."""
-        layer = self._layer(signals.info)
-        table = signals.cls_attn if signals.info.has_cls else signals.received_attn
-        if layer not in table:
-            kind = "cls_attn" if signals.info.has_cls else "received_attn"
-            raise ValueError(f"{self.name}: {kind} of layer {layer} is missing; got layers {sorted(table)}")
-        attn = table[layer].float()
+        attn = self.score(signals).float()
         n = attn.shape[1]
         valid = signals.n_valid.to(attn.device)
         pos = torch.arange(n, device=attn.device)
