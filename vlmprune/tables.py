@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 from vlmprune.adapters.base import _ADAPTERS
-from vlmprune.scorers import available_methods, scorer_class, scorer_options
+from vlmprune.scorers import EncoderInfo, available_methods, build_scorer, scorer_class, scorer_options
+
+# CLIP ViT-L/14-336 as LLaVA-1.5 uses it: the layers each method reads are shown for this encoder
+CLIP_L = EncoderInfo(num_layers=24, feature_layer=22, has_cls=True, grid=(24, 24))
 
 MARK = "<!-- {name}:start -->\n{body}<!-- {name}:end -->"
 
@@ -18,13 +21,27 @@ def _first_line(doc: str | None) -> str:
     return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
+def signals_text(name: str) -> str:
+    """The signals a method reads with its defaults on CLIP-L (0-based encoder layers)."""
+    req = build_scorer(name).needs(CLIP_L)
+    parts = ["features"] if req.features else []
+    for field in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden"):
+        layers = getattr(req, field)
+        if layers:
+            span = f"{layers[0]}..{layers[-1]}" if len(layers) > 2 else ",".join(map(str, layers))
+            parts.append(f"{field}[{span}]")
+    return ", ".join(parts) or "—"
+
+
 def methods_markdown() -> str:
-    """One row per registered method: stage, paper, options, what it does."""
-    rows = ["| method | stage | paper | options | rule |", "|---|---|---|---|---|"]
+    """One row per registered method: stage, paper, signals, options, what it does."""
+    rows = ["| method | stage | paper | signals (CLIP-L) | options | rule |", "|---|---|---|---|---|---|"]
     for name in available_methods():
         cls = scorer_class(name)
         opts = ", ".join(f"`{k}={v!r}`" for k, v in scorer_options(name).items()) or "—"
-        rows.append(f"| `{name}` | {cls.stage} | {cls.paper or '—'} | {opts} | {_first_line(cls.__doc__)} |")
+        rows.append(
+            f"| `{name}` | {cls.stage} | {cls.paper or '—'} | {signals_text(name)} | {opts} | {_first_line(cls.__doc__)} |"
+        )
     return "\n".join(rows) + "\n"
 
 
