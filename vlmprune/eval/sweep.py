@@ -281,12 +281,10 @@ def jsonl_task(path: str | Path, limit: int | None = None) -> ItemsTask:
 
 
 def shapes_task(directory: str | None, limit: int | None) -> ItemsTask:
-    """The embedded synthetic benchmark (`vlmprune.eval.shapes`): a saved split, or generated items."""
-    try:
-        from vlmprune.eval import shapes
-    except ImportError as e:
-        raise ValueError("the shapes benchmark (vlmprune.eval.shapes) is not available in this install") from e
-    objs = shapes.load_split(directory) if directory else [shapes.make_item(i) for i in range(limit or 200)]
+    """The embedded synthetic benchmark (`vlmprune.eval.shapes`): a saved split, or test-split items."""
+    from vlmprune.eval import shapes
+
+    objs = shapes.load_split(directory) if directory else [shapes.make_item(s) for s in shapes.split_seeds("test", limit or 200)]
     objs = list(objs)[:limit] if limit is not None else list(objs)
     items = [Item(str(getattr(o, "id", i)), o.image, o.question, o.answer) for i, o in enumerate(objs)]
     return ItemsTask("shapes", items, shapes.score)
