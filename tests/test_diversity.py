@@ -6,25 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.circle import circle
+
 from vlmprune.kernels.maxmin import maxmin_select_ref
 from vlmprune.scorers import EncoderInfo, Request, Signals, available_methods, build_scorer, scorer_class, scorer_options
 
 INFO = EncoderInfo(num_layers=24, feature_layer=22, has_cls=True, grid=(4, 4))
 INFO_NO_CLS = EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=(4, 4))
-
-
-def circle(copies: list[int], seed: int = 0, dim: int = 6):
-    """8 equally spaced directions (integer coordinates: exact axis/diagonal distances), direction
-    a repeated copies[a] times with power-of-two scales (same cosine, exactly), shuffled."""
-    coords = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
-    dirs = [a for a, c in enumerate(copies) for _ in range(c)]
-    perm = torch.randperm(len(dirs), generator=torch.Generator().manual_seed(seed)).tolist()
-    dirs = [dirs[p] for p in perm]
-    x = torch.zeros(len(dirs), dim)
-    for i, a in enumerate(dirs):
-        x[i, 0], x[i, 2] = coords[a]
-        x[i] *= (0.25, 1.0, 2.0)[i % 3]
-    return x, dirs
 
 
 def expected_order(dirs: list[int], first: int) -> list[int]:

@@ -21,6 +21,8 @@ if "triton" not in sys.modules:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.circle import circle  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from vlmprune.kernels import maxmin as mm  # noqa: E402
@@ -283,22 +285,6 @@ def test_cosine_distance_matches_float64():
     exp = 1 - nd @ nd.transpose(1, 2)
     assert d.dtype == torch.float32 and torch.allclose(d.double(), exp, atol=1e-6)
     assert torch.equal(d[1, 4], torch.ones(9)) and torch.equal(d[1, :, 4], torch.ones(9))
-
-
-def circle(copies: list[int], seed: int = 0, dim: int = 6):
-    """8 equally spaced unit directions in a plane of R^dim (integer coordinates, so all
-    axis/diagonal distances are exact), direction a repeated copies[a] times with power-of-two
-    scales (cosine distances unchanged, exactly), in a shuffled order. Returns the features and
-    the direction of each token."""
-    coords = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
-    dirs = [a for a, c in enumerate(copies) for _ in range(c)]
-    perm = torch.randperm(len(dirs), generator=torch.Generator().manual_seed(seed)).tolist()
-    dirs = [dirs[p] for p in perm]
-    x = torch.zeros(len(dirs), dim)
-    for i, a in enumerate(dirs):
-        x[i, 1], x[i, 3] = coords[a]
-        x[i] *= (0.5, 1.0, 4.0)[i % 3]
-    return x, dirs
 
 
 def circle_expected(dirs: list[int], first_dir: int) -> list[int]:

@@ -110,6 +110,15 @@ def _finish(order: torch.Tensor, n: int, return_order: bool):
     return (idx, order) if return_order else idx
 
 
+def _start(feats: torch.Tensor, k, valid, first):
+    """Checked inputs, the -1 filled pick order [B, kmax] and the distance matrix (None when
+    nothing is kept)."""
+    k, valid, first = _prepare(feats, k, valid, first)
+    kmax = int(k.max()) if feats.shape[0] else 0
+    order = torch.full((feats.shape[0], kmax), -1, dtype=torch.long, device=feats.device)
+    return k, valid, first, order, (cosine_distance(feats) if kmax else None)
+
+
 def maxmin_select_ref(
     feats: torch.Tensor,
     k: torch.Tensor | int,
@@ -124,13 +133,10 @@ def maxmin_select_ref(
     (clipped to valid), valid [B] real tokens per image (default N), first [B] optional first
     pick. Returns idx [B, kmax] ascending and -1 padded (kmax = max clipped k); with
     `return_order=True`, (idx, order) where order holds the same picks in selection order."""
-    k, valid, first = _prepare(feats, k, valid, first)
+    k, valid, first, order, dist = _start(feats, k, valid, first)
     b, n, _ = feats.shape
-    kmax = int(k.max()) if b else 0
-    order = torch.full((b, kmax), -1, dtype=torch.long, device=feats.device)
-    if kmax == 0:
+    if dist is None:
         return _finish(order, n, return_order)
-    dist = cosine_distance(feats)
     rows = torch.arange(b, device=feats.device)
     pos = torch.arange(n, device=feats.device)
     dead = pos[None, :] >= valid[:, None]  # padding, never a candidate
@@ -139,7 +145,7 @@ def maxmin_select_ref(
     chosen = torch.zeros((b, n), dtype=torch.bool, device=feats.device)
     chosen[rows, p] = True
     mind = dist[rows, p]  # min over S of d[s, i], per image
-    for t in range(1, kmax):
+    for t in range(1, order.shape[1]):
         cand = mind.masked_fill(chosen | dead, float("-inf"))
         p = cand.argmax(dim=1)  # first maximum: ties to the lower index
         active = k > t
@@ -159,13 +165,10 @@ def maxmin_naive_ref(
 ):
     """The same selection written plainly: per image, at every step the min over all picks so far
     is taken again (O(N*K^2) after the Gram). The baseline the kernel is measured against."""
-    k, valid, first = _prepare(feats, k, valid, first)
+    k, valid, first, order, dist = _start(feats, k, valid, first)
     b, n, _ = feats.shape
-    kmax = int(k.max()) if b else 0
-    order = torch.full((b, kmax), -1, dtype=torch.long, device=feats.device)
-    if kmax == 0:
+    if dist is None:
         return _finish(order, n, return_order)
-    dist = cosine_distance(feats)
     starts = first_pick(dist, valid) if first is None else first
     for i in range(b):
         ki, vi = int(k[i]), int(valid[i])
