@@ -40,9 +40,9 @@ class LlavaAdapter(Adapter):
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
 
-    def feature_layer(self, inputs: dict[str, Any] | None = None) -> int:
-        cfg = self.model.config
-        layer = (inputs or {}).get("vision_feature_layer") or cfg.vision_feature_layer
+    def feature_layer(self) -> int:
+        """0-based encoder layer whose output is the features (the last one, for a list)."""
+        layer = self.model.config.vision_feature_layer
         layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
         # hidden_states[j] is the output of encoder layer j - 1 (hidden_states[0] = embeddings)
         return layer % (len(vit_layers(self.vision_tower)) + 1) - 1
