@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,28 @@ def test_evaluate_scores_batched_left_padded(loaded):
     # batching with left padding does not change a row's answer
     single = [train_tiny.predict(model, processor, [it], batch_size=1)[0] for it in items]
     assert single == details["predictions"]
+
+
+def test_dense_targets_place_each_object_where_its_scene_says():
+    """Rows 5 / 6 of `LabelSpace.dense` hold, under each object's box, its centre (0..255 of the
+    image side); the class maps mark the centre patch with the object's kind."""
+    space = train_tiny.LabelSpace(shapes)
+    item = next(it for it in map(shapes.make_item, range(50)) if len(it.scene.objects) >= 2)
+    dense = space.dense(item).reshape(train_tiny.DENSE_ROWS, train_tiny.GRID, train_tiny.GRID)
+    top = item.scene.objects[-1]  # drawn last, so nothing covers its centre patch
+    cx, cy = top.centre
+    r, c = int(cy // train_tiny.PATCH_SIZE), int(cx // train_tiny.PATCH_SIZE)
+    assert dense[5, r, c] == round(cx / item.scene.width * 255)
+    assert dense[6, r, c] == round(cy / item.scene.height * 255)
+    assert dense[3, r, c] == 1 + space.kinds.index(top.kind)
+    own = (np.arange(train_tiny.GRID) + 0.5) * train_tiny.PATCH_SIZE / item.scene.width * 255
+    background = dense[0] == 0  # no object or word: the patch's own centre
+    assert background.any()
+    assert (dense[5][background] == np.round(np.broadcast_to(own[None, :], background.shape)[background])).all()
+
+
+def test_qtype_weights_parse_and_refuse_unknown_types():
+    assert train_tiny.parse_weights("relpos=2, count=1.5") == {"relpos": 2.0, "count": 1.5}
+    assert train_tiny.parse_weights("") == {}
+    with pytest.raises(SystemExit, match="'colours=2'.*relpos"):
+        train_tiny.parse_weights("colours=2")

@@ -223,6 +223,8 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 # --------------------------------------------------------------------------------------------
 GRID = IMAGE_SIZE // PATCH_SIZE  # 24
 _PATCH_CENTRES = np.arange(GRID) * PATCH_SIZE + PATCH_SIZE / 2
+DENSE_ROWS = 7  # LabelSpace.dense: kind, colour, word, centre, relevant, object x, object y
+WHERE_WEIGHT = 20.0  # stage-1 weight of the object-position regression (an MSE on 0..1 coordinates)
 
 
 class LabelSpace:
@@ -279,9 +281,13 @@ class LabelSpace:
         return out
 
     def dense(self, item: Any) -> np.ndarray:
-        """[5, 576]: the four class maps, then the item's relevance mask (`relevant`)."""
+        """[DENSE_ROWS, 576]: the four class maps, the item's relevance mask (`relevant`), then the
+        x and y of the centre of the object under each patch (the patch's own centre on background),
+        scaled to 0..255, so that attention averaged over an object reads out where it is."""
         scene = item.scene
-        out = np.zeros((5, GRID, GRID), np.uint8)  # kind, colour, word, centre, relevant
+        out = np.zeros((DENSE_ROWS, GRID, GRID), np.uint8)  # kind, colour, word, centre, relevant, x, y
+        out[5] = np.round(_PATCH_CENTRES / scene.width * 255)[None, :]
+        out[6] = np.round(_PATCH_CENTRES / scene.height * 255)[:, None]
         nk = len(self.kinds)
         for o in scene.objects:
             m = cover(o.bbox)
@@ -289,6 +295,8 @@ class LabelSpace:
             out[0][m] = 1 + k + (nk if o.size_class == "small" else 0)
             out[1][m] = 1 + self.colours.index(o.colour)
             cx, cy = o.centre
+            out[5][m] = round(min(max(cx / scene.width, 0.0), 1.0) * 255)
+            out[6][m] = round(min(max(cy / scene.height, 0.0), 1.0) * 255)
             out[3, min(int(cy // PATCH_SIZE), GRID - 1), min(int(cx // PATCH_SIZE), GRID - 1)] = 1 + k
         if scene.word and scene.word_bbox is not None:
             m = cover(scene.word_bbox)
@@ -296,7 +304,7 @@ class LabelSpace:
             out[2][m] = 1 + self.words.index(scene.word) if scene.word in self.words else 0
         for box, code in self.relevant(item):
             out[4][cover(box)] = code
-        return out.reshape(5, GRID * GRID)
+        return out.reshape(DENSE_ROWS, GRID * GRID)
 
     def relevant(self, item: Any) -> list[tuple[Sequence[int], int]]:
         """(box, code) of what the question is about, read from the query and the scene: the
@@ -342,7 +350,7 @@ def cover(box: Sequence[int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # data: items rendered by forked workers into shared memory
 # --------------------------------------------------------------------------------------------
-_BUF: dict[str, np.ndarray] = {}  # images [N, H, W, 3], cls [N, L], dense [N, 4, 576]; uint8, shared maps
+_BUF: dict[str, np.ndarray] = {}  # images [N, H, W, 3], cls [N, L], dense [N, DENSE_ROWS, 576]; uint8, shared maps
 _SPACE: LabelSpace | None = None
 
 
@@ -381,7 +389,7 @@ class Renderer:
         _SPACE = space
         _BUF["images"] = _shared((total, IMAGE_SIZE, IMAGE_SIZE, 3))
         _BUF["cls"] = _shared((total, len(space)))
-        _BUF["dense"] = _shared((total, 5, GRID * GRID))
+        _BUF["dense"] = _shared((total, DENSE_ROWS, GRID * GRID))
         self.images = torch.from_numpy(_BUF["images"])
         self.cls = torch.from_numpy(_BUF["cls"])
         self.dense = torch.from_numpy(_BUF["dense"])
@@ -450,8 +458,10 @@ class TrainStream:
     `capacity` items."""
 
     def __init__(self, renderer: Renderer, base: int, seeds: Sequence[int], tokenizer, width: int,
-                 device: torch.device, chunk: int, inflight: int):
+                 device: torch.device, chunk: int, inflight: int, qtype_weight: dict[str, float] | None = None):
         self.r, self.base, self.seeds, self.tok = renderer, base, list(seeds), tokenizer
+        self.qtype_weight = qtype_weight or {}
+        self.weight = torch.ones(len(self.seeds))  # sampling weight of each item (by question type)
         self.capacity, self.width, self.device, self.chunk, self.inflight = len(self.seeds), width, device, chunk, inflight
         cuda = device.type == "cuda"
         n = self.capacity
@@ -460,7 +470,7 @@ class TrainStream:
             else renderer.images[sl]
         self.cls = torch.empty((n, renderer.cls.shape[1]), dtype=torch.uint8, device=device) if cuda \
             else renderer.cls[sl]
-        self.dense = torch.empty((n, 5, GRID * GRID), dtype=torch.uint8, device=device) if cuda \
+        self.dense = torch.empty((n, DENSE_ROWS, GRID * GRID), dtype=torch.uint8, device=device) if cuda \
             else renderer.dense[sl]
         self.ids = torch.full((n, width), PAD_ID, dtype=torch.long, device=device)
         self.answer_mask = torch.zeros((n, width), dtype=torch.bool, device=device)
@@ -504,6 +514,7 @@ class TrainStream:
                 self.questions += [r[0] for r in rows]
                 self.answers += [r[1] for r in rows]
                 self.qtypes += [r[2] for r in rows]
+                self.weight[off:off + n] = torch.tensor([self.qtype_weight.get(r[2], 1.0) for r in rows])
                 self.starts[off:off + n] = starts
                 src = slice(self.base + off, self.base + off + n)
                 if self.stream is not None:
@@ -530,8 +541,10 @@ class TrainStream:
             time.sleep(0.01)
 
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """`n` random indices (CPU) among the ready items."""
-        return torch.randint(0, self.ready, (n,), generator=gen)
+        """`n` random indices (CPU) among the ready items, drawn by `qtype_weight` (uniform if none)."""
+        if not self.qtype_weight:
+            return torch.randint(0, self.ready, (n,), generator=gen)
+        return torch.multinomial(self.weight[:self.ready], n, replacement=True, generator=gen)
 
 
 class Normalise(nn.Module):
@@ -633,6 +646,18 @@ def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Opti
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """'relpos=2,count=1.5' -> {'relpos': 2.0, 'count': 1.5}; names must be question types."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in shapes_module().QTYPES or not value:
+            raise SystemExit(f"--qtype-weight: bad entry {part!r}; expected TYPE=WEIGHT with TYPE one of "
+                             f"{', '.join(shapes_module().QTYPES)}")
+        out[name] = float(value)
+    return out
+
+
 def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * factor
@@ -647,7 +672,9 @@ class SceneObjective(nn.Module):
       the last block is trained too, as in CLIP;
     - `dense`: LayerNorm + one linear per class map on the feature-layer patch tokens (the tokens the
       LLM sees) -> kind / colour / word / centre of every patch, and its own row and column
-      (cross-entropy), so the tokens carry what and where.
+      (cross-entropy), so the tokens carry what and where;
+    - `where`: linear regression of the x, y of the object under each patch (MSE), so that a head
+      attending to an object reads its position as a number that a later layer can compare.
 
     Stage 2 keeps this loss, weighted by `--aux-weight`, so the CLS token (which strategy "default"
     hides from the LLM) keeps its meaning while the tower is fine-tuned on QA."""
@@ -660,6 +687,7 @@ class SceneObjective(nn.Module):
         self.dense = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in space.dense_classes.items()})
         self.dense_order = list(space.dense_classes)  # row order of LabelSpace.dense
         self.position = nn.Linear(dim, 2 * GRID)  # each patch's own row and column
+        self.where = nn.Linear(dim, 2)  # x, y of the object under the patch (linear, for comparisons)
         self.register_buffer("rows", torch.arange(GRID).repeat_interleave(GRID), persistent=False)
         self.register_buffer("cols", torch.arange(GRID).repeat(GRID), persistent=False)
 
@@ -680,10 +708,12 @@ class SceneObjective(nn.Module):
         b = pos.shape[0]
         ce["position"] = 0.5 * (F.cross_entropy(pos[..., :GRID].reshape(-1, GRID), self.rows.repeat(b))
                                 + F.cross_entropy(pos[..., GRID:].reshape(-1, GRID), self.cols.repeat(b)))
-        loss = 20.0 * bce + sum(ce.values()) / len(ce)
+        where = F.mse_loss(self.where(patches).float(), dense_target[:, 5:7].transpose(1, 2).float() / 255)
+        loss = 20.0 * bce + sum(ce.values()) / len(ce) + WHERE_WEIGHT * where
         with torch.no_grad():
             stats = {"cls_exact": ((logit_feat > 0) == (y > 0.5)).all(-1).float().mean(),
-                     "cls_bce": bce.detach() / 2, **{f"ce_{k}": v.detach() for k, v in ce.items()}}
+                     "cls_bce": bce.detach() / 2, **{f"ce_{k}": v.detach() for k, v in ce.items()},
+                     "mse_where": where.detach()}
         return loss, stats
 
 
@@ -921,6 +951,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stage1-time", type=float, default=75.0, help="seconds; stage 1 ends (annealed) by then")
     ap.add_argument("--steps", "--stage2-steps", dest="steps", type=int, default=12000, help="stage-2 steps")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--qtype-weight", default="relpos=2,count=1.5",
+                    help="sampling weight per question type, e.g. 'relpos=2,count=1.5' (others 1; '' = uniform)")
     ap.add_argument("--lr", type=float, default=1e-3, help="stage-2 LR of projector and decoder")
     ap.add_argument("--vision-lr", type=float, default=0.0,
                     help="stage-2 LR of the vision tower; 0 (default) keeps it frozen, as LLaVA-1.5 does")
@@ -1000,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cudnn.allow_tf32 = True
         objective = SceneObjective(space, model.config.vision_config.hidden_size).to(device)
         stream = TrainStream(renderer, n_val + n_test, train_seeds, tokenizer, width, device, args.chunk,
-                             inflight=max(2, 3 * args.workers))
+                             inflight=max(2, 3 * args.workers), qtype_weight=parse_weights(args.qtype_weight))
         stream.pump(at_least=min(len(train_seeds), 8 * args.chunk))
         # validation and test items queue behind the first training chunks
         val_set = EvalSet(renderer, 0, val_seeds, args.chunk)
