@@ -69,13 +69,15 @@ def check(question: str, scene: dict) -> str:
     if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
         assert m[1] in PALETTE
         return "yes" if any(o["colour"] == m[1] and o["kind"] == m[2] for o in objs) else "no"
-    if m := re.fullmatch(r"Is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?", question):
-        a = one(lambda o: (o["colour"], o["kind"]) == (m[1], m[2]))
+    if m := re.fullmatch(r"Which is (further left|further right|higher|lower), the (\w+) (\w+) or the (\w+) (\w+)\?",
+                         question):
+        a = one(lambda o: (o["colour"], o["kind"]) == (m[2], m[3]))
         b = one(lambda o: (o["colour"], o["kind"]) == (m[4], m[5]))
+        assert a["kind"] != b["kind"], question  # the answer (a kind) names one of them
         (ax, ay), (bx, by) = a["centre"], b["centre"]
-        d = {"left of": bx - ax, "right of": ax - bx, "above": by - ay, "below": ay - by}[m[3]]
+        d = {"further left": bx - ax, "further right": ax - bx, "higher": by - ay, "lower": ay - by}[m[1]]
         assert abs(d) >= PATCH, f"{question!r}: centres {abs(d)} px apart"
-        return "yes" if d > 0 else "no"
+        return a["kind"] if d > 0 else b["kind"]
     if question == "What word is written?":
         assert scene["word"] and 3 <= len(scene["word"]) <= 4
         return scene["word"].lower()
@@ -129,7 +131,10 @@ def test_balance(items):
         answers = collections.Counter(it.answer for it in test_items if it.qtype == qtype)
         assert set(answers) == {"yes", "no"}
         assert 0.45 <= answers["yes"] / sum(answers.values()) <= 0.55
-    for qtype in ("colour", "count"):
+    relpos = [it for it in test_items if it.qtype == "relpos"]
+    first = sum(it.answer == it.query["a"][1] for it in relpos)
+    assert 0.45 <= first / len(relpos) <= 0.55  # the answer is the first named object half of the time
+    for qtype in ("colour", "count", "relpos"):
         answers = collections.Counter(it.answer for it in items if it.qtype == qtype)
         assert set(answers) == set(shapes.ANSWERS_BY_QTYPE[qtype])
         assert min(answers.values()) >= 0.4 * max(answers.values()), answers

@@ -72,19 +72,20 @@ DIGITS: tuple[str, ...] = tuple(str(i) for i in range(MAX_COUNT + 1))
 YES_NO: tuple[str, ...] = ("yes", "no")
 
 QTYPES: tuple[str, ...] = ("colour", "count", "presence", "relpos", "word")
-YES_NO_QTYPES: tuple[str, ...] = ("presence", "relpos")
+YES_NO_QTYPES: tuple[str, ...] = ("presence",)
+ORDER: tuple[str, ...] = ("first", "second")  # relpos: which named object is the answer (alternates)
 ANSWERS_BY_QTYPE: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
     "count": DIGITS,
     "presence": YES_NO,
-    "relpos": YES_NO,
+    "relpos": KINDS,
     "word": WORDS,
 }
-ANSWER_VOCAB: tuple[str, ...] = tuple(COLOURS) + DIGITS + YES_NO + WORDS
+ANSWER_VOCAB: tuple[str, ...] = tuple(COLOURS) + DIGITS + YES_NO + WORDS + KINDS
 
 QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
-RELATIONS: dict[str, tuple[int, int]] = {  # relation -> (axis, sign): a REL b  <=>  sign * (a - b) > 0
-    "left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1),
+RELATIONS: dict[str, tuple[int, int]] = {  # "Which is REL, a or b?" -> (axis, sign): a wins <=> sign * (a - b) > 0
+    "further left": (0, -1), "further right": (0, 1), "higher": (1, -1), "lower": (1, 1),
 }
 PLACE_MARGIN = PATCH  # "the shape in the top left": centre >= 1 patch inside, no other centre near
 REL_MIN_SEP = 2 * PATCH  # relative-position questions only when centres differ by >= 2 patches
@@ -348,7 +349,7 @@ def question_text(query: dict[str, Any]) -> str:
             return f"Is there a {query['colour']} {query['kind']}?"
     elif q == "relpos":
         (ca, ka), (cb, kb) = query["a"], query["b"]
-        return f"Is the {ca} {ka} {query['rel']} the {cb} {kb}?"
+        return f"Which is {query['rel']}, the {ca} {ka} or the {cb} {kb}?"
     elif q == "word":
         return "What word is written?"
     raise ValueError(f"unknown query {query!r}")
@@ -392,11 +393,13 @@ def answer_query(scene: Scene | dict[str, Any], query: dict[str, Any]) -> str:
     elif q == "relpos":
         a = _unique(objs, lambda o: [o.colour, o.kind] == list(query["a"]), " ".join(query["a"]))
         b = _unique(objs, lambda o: [o.colour, o.kind] == list(query["b"]), " ".join(query["b"]))
+        if a.kind == b.kind:
+            raise AmbiguousQuestion(f"both named objects are a {a.kind}")
         axis, sign = RELATIONS[query["rel"]]
-        d = a.centre[axis] - b.centre[axis]
+        d = sign * (a.centre[axis] - b.centre[axis])
         if abs(d) < REL_MIN_SEP:
             raise AmbiguousQuestion(f"centres only {abs(d):.0f} px apart")
-        return "yes" if sign * d > 0 else "no"
+        return (a if d > 0 else b).kind
     elif q == "word":
         if not scene.word:
             raise AmbiguousQuestion("no word in the scene")
@@ -572,18 +575,16 @@ def _propose(rng: random.Random, qtype: str, want: str | None) -> tuple[Scene, d
         scene = _build_scene(rng, _fill(rng, [], _n(rng)), word)
         if scene is None:
             return None
-        rels = list(RELATIONS)[:2] if rng.random() < 0.5 else list(RELATIONS)[2:]
-        rel = rng.choice(rels)
-        axis = RELATIONS[rel][0]
-        pairs = [(a, b) for a in scene.objects for b in scene.objects
-                 if a is not b and abs(a.centre[axis] - b.centre[axis]) >= REL_MIN_SEP]
+        rel = rng.choice(list(RELATIONS))
+        axis, sign = RELATIONS[rel]
+        pairs = [(win, lose) for win in scene.objects for lose in scene.objects
+                 if win.kind != lose.kind and sign * (win.centre[axis] - lose.centre[axis]) >= REL_MIN_SEP]
         if not pairs:
             return None
-        a, b = rng.choice(pairs)
+        win, lose = rng.choice(pairs)
+        a, b = (win, lose) if want == "first" else (lose, win)
         query = {"qtype": "relpos", "variant": "x" if axis == 0 else "y", "rel": rel,
                  "a": [a.colour, a.kind], "b": [b.colour, b.kind]}
-        if answer_query(scene, query) != want:
-            query["a"], query["b"] = query["b"], query["a"]
         return scene, query
     elif qtype == "word":
         query = {"qtype": "word"}
@@ -634,10 +635,12 @@ def qtype_of(seed: int) -> str:
 
 
 def make_item(seed: int, qtype: str | None = None) -> Item:
-    """The item of `seed` (deterministic). Yes/no answers alternate with seed // len(QTYPES)."""
+    """The item of `seed` (deterministic). Yes/no answers, and whether the answer of a relative
+    position question is the first or the second object it names, alternate with seed // len(QTYPES)."""
     seed = int(seed)
     qtype = qtype or qtype_of(seed)
-    want = YES_NO[(seed // len(QTYPES)) % 2] if qtype in YES_NO_QTYPES else None
+    turn = (seed // len(QTYPES)) % 2
+    want = YES_NO[turn] if qtype in YES_NO_QTYPES else ORDER[turn] if qtype == "relpos" else None
     rng = random.Random(seed * 1_000_003 + QTYPES.index(qtype) if qtype in QTYPES else seed)
     for _ in range(200):
         got = _propose(rng, qtype, want)
@@ -648,7 +651,7 @@ def make_item(seed: int, qtype: str | None = None) -> Item:
             answer = answer_query(scene, query)
         except AmbiguousQuestion:
             continue
-        if want is not None and answer != want:
+        if qtype in YES_NO_QTYPES and answer != want:
             continue
         return Item(f"shapes-{seed}", seed, question_text(query), answer, qtype, query.get("variant"), query, scene)
     raise RuntimeError(f"could not generate a {qtype} item for seed {seed}")  # pragma: no cover

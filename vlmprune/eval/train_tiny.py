@@ -224,7 +224,7 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 GRID = IMAGE_SIZE // PATCH_SIZE  # 24
 _PATCH_CENTRES = np.arange(GRID) * PATCH_SIZE + PATCH_SIZE / 2
 DENSE_ROWS = 7  # LabelSpace.dense: kind, colour, word, centre, relevant, object x, object y
-WHERE_WEIGHT = 20.0  # stage-1 weight of the object-position regression (an MSE on 0..1 coordinates)
+WHERE_WEIGHT = 2.0  # stage-1 weight of the object-position regression (an MSE on 0..1 coordinates)
 
 
 class LabelSpace:
@@ -302,25 +302,25 @@ class LabelSpace:
             m = cover(scene.word_bbox)
             out[0][m] = 1 + 2 * nk
             out[2][m] = 1 + self.words.index(scene.word) if scene.word in self.words else 0
-        for box, code in self.relevant(item):
-            out[4][cover(box)] = code
+        for box in self.relevant(item):
+            out[4][cover(box)] = 1
         return out.reshape(DENSE_ROWS, GRID * GRID)
 
-    def relevant(self, item: Any) -> list[tuple[Sequence[int], int]]:
-        """(box, code) of what the question is about, read from the query and the scene: the
-        object(s) it names (the quadrant's objects for "the shape in the top left", every counted
-        object, the word) with code 3; for a relative position the first object with code 1 and the
-        second with code 2 (`AttentionProbe` sends one head to each). Empty when there is nothing
-        to look at (a count of 0, a presence question with no object of the kind)."""
+    def relevant(self, item: Any) -> list[Sequence[int]]:
+        """Boxes of what the question is about, read from the query and the scene: the object(s) it
+        names (the quadrant's objects for "the shape in the top left", every counted object, the
+        word; for "which is further left, A or B?" the one that is the answer, so that attention
+        learns to pick the extreme of the two). Empty when there is nothing to look at (a count of
+        0, a presence question with no object of the kind)."""
         q, scene = getattr(item, "query", None) or {}, item.scene
         qtype, variant = q.get("qtype"), q.get("variant")
         objs = scene.objects
         if qtype == "word":
-            return [(scene.word_bbox, 3)] if scene.word_bbox is not None else []
+            return [scene.word_bbox] if scene.word_bbox is not None else []
         if qtype == "relpos":
-            a, b = list(q.get("a", ())), list(q.get("b", ()))
-            return [(o.bbox, 1 if [o.colour, o.kind] == a else 2) for o in objs if [o.colour, o.kind] in (a, b)]
-        if qtype == "colour" and variant == "place":
+            sel = [o for o in objs if [o.colour, o.kind] in (list(q.get("a", ())), list(q.get("b", ())))
+                   and o.kind == item.answer]
+        elif qtype == "colour" and variant == "place":
             quad = q.get("quadrant")
             sel = [o for o in objs if self._quadrant(o.centre, scene.width, scene.height) == quad]
         elif qtype == "colour" and variant == "size":
@@ -336,7 +336,7 @@ class LabelSpace:
             sel = [o for o in objs if o.kind == q.get("kind")]
         else:
             sel = []
-        return [(o.bbox, 3) for o in sel]
+        return [o.bbox for o in sel]
 
 
 def cover(box: Sequence[int]) -> np.ndarray:
@@ -743,10 +743,8 @@ class AttentionProbe:
     own q / k projections and rotary embeddings, the attention row of one query position (the one
     that predicts the answer) for the first two heads, while the model itself keeps SDPA; the loss
     is -log of the attention mass (mean over the two heads) that falls on the visual tokens of the
-    patches the question is about (`LabelSpace.relevant`: code 3 for both heads; for a relative
-    position the first object, code 1, for head 0 and the second, code 2, for head 1). Rows with
-    nothing to look at are skipped; the other heads are free. It only shapes training: the saved
-    model is a plain LLaVA."""
+    patches the question is about (`LabelSpace.relevant`). Rows with nothing to look at are
+    skipped; the other heads are free. It only shapes training: the saved model is a plain LLaVA."""
 
     def __init__(self, model, layers: Sequence[int]):
         self.losses: list[torch.Tensor] = []
@@ -754,21 +752,17 @@ class AttentionProbe:
         self.heads = 2 if model.config.text_config.num_attention_heads >= 2 else 1
         self.query_index = -1
         self.key_mask: torch.Tensor | None = None  # [B, L] bool: keys the query may see
-        self.target: torch.Tensor | None = None  # [B, heads, L] float: relevant visual tokens per head
+        self.target: torch.Tensor | None = None  # [B, 1, L] float: the relevant visual tokens
         self.rows: torch.Tensor | None = None  # [B] bool: rows with a target
         decoder = model.model.language_model
         self.handles = [decoder.layers[i].self_attn.register_forward_pre_hook(self._hook, with_kwargs=True)
                         for i in layers]
 
-    def set(self, key_mask: torch.Tensor, codes: torch.Tensor, query_index: int) -> None:
-        """codes [B, L]: 0, or the `LabelSpace.relevant` code of each token."""
-        both = codes == 3
-        heads = [both | (codes == 1), both | (codes == 2)][:self.heads]
-        if self.heads == 1:
-            heads = [codes > 0]
-        self.target = torch.stack(heads, 1).float()
+    def set(self, key_mask: torch.Tensor, relevant: torch.Tensor, query_index: int) -> None:
+        """relevant [B, L]: non-zero at the tokens the question is about."""
+        self.target = (relevant > 0).float().unsqueeze(1)
         self.key_mask, self.query_index = key_mask, query_index
-        self.rows = (self.target.sum(-1) > 0).all(1)
+        self.rows = self.target.sum(-1).squeeze(1) > 0
         self.losses = []
         self.active = True
 
@@ -951,7 +945,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stage1-time", type=float, default=75.0, help="seconds; stage 1 ends (annealed) by then")
     ap.add_argument("--steps", "--stage2-steps", dest="steps", type=int, default=12000, help="stage-2 steps")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--qtype-weight", default="relpos=2,count=1.5",
+    ap.add_argument("--qtype-weight", default="",
                     help="sampling weight per question type, e.g. 'relpos=2,count=1.5' (others 1; '' = uniform)")
     ap.add_argument("--lr", type=float, default=1e-3, help="stage-2 LR of projector and decoder")
     ap.add_argument("--vision-lr", type=float, default=0.0,
