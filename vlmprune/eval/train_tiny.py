@@ -132,7 +132,11 @@ def build_model(arch: Arch, vocab_size: int, attn: str = "sdpa", seed: int = 0):
     )
     cfg.text_config.max_position_embeddings = 1024
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
+    return greedy_generation(LlavaForConditionalGeneration(cfg))
+
+
+def greedy_generation(model):
+    """Set the generation config the trainer's models ship with: our special ids, greedy, 8 tokens."""
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = PAD_ID, BOS_ID, EOS_ID
     gc.do_sample, gc.max_new_tokens = False, 8
