@@ -15,7 +15,7 @@ schedules, grounding loss, evaluation, saving) is `train_tiny`'s. docs/training.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -217,6 +217,16 @@ def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, image
 # --------------------------------------------------------------------------------------------
 # stage 1
 # --------------------------------------------------------------------------------------------
+def window_targets(dense: torch.Tensor, classes: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`LabelSpace.dense` targets [B, DENSE_ROWS, 576] in tower order -> the merged tokens' targets:
+    for each class map (`classes` labels each) the label histogram of the token's 2 x 2 patches
+    [B, 144, C], and their mean object x, y [B, 144, 2] in 0..1."""
+    windows = dense[:, :len(classes)].reshape(dense.shape[0], len(classes), N_VISUAL, MERGE * MERGE).long()
+    soft = [F.one_hot(windows[:, i], c).float().mean(2) for i, c in enumerate(classes)]
+    where = dense[:, 5:7].reshape(dense.shape[0], 2, N_VISUAL, MERGE * MERGE).float().mean(-1) / 255
+    return soft, where.transpose(1, 2)
+
+
 class Qwen2VLSceneObjective(nn.Module):
     """Stage-1 heads on the Qwen2-VL vision tower (thrown away after training) and their loss. There
     is no CLS token, so the scene attributes are read from mean-pooled tokens:
@@ -254,9 +264,7 @@ class Qwen2VLSceneObjective(nn.Module):
         dense = dense_target[:, :, self.order]  # tower order: 2 x 2 windows of 4 consecutive patches
         where = dense[:, 5:7].transpose(1, 2).float() / 255  # [B, 576, 2]
         ce_patch, mse_patch = self.patches.loss(patches, dense[:, :4].unbind(1), where)
-        windows = dense[:, :4].reshape(dense.shape[0], 4, N_VISUAL, MERGE * MERGE).long()
-        soft = [F.one_hot(windows[:, i], c).float().mean(2) for i, c in enumerate(self.classes)]
-        ce, mse = self.merged.loss(merged, soft, where.reshape(-1, N_VISUAL, MERGE * MERGE, 2).mean(2))
+        ce, mse = self.merged.loss(merged, *window_targets(dense, self.classes))
         loss = (20.0 * bce + sum(ce_patch.values()) / len(ce_patch) + sum(ce.values()) / len(ce)
                 + WHERE_WEIGHT * (mse_patch + mse))
         with torch.no_grad():
