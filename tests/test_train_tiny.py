@@ -67,23 +67,17 @@ def _load(path, name: str):
 
 
 @pytest.fixture(scope="module")
-def trained_llava(tmp_path_factory):
-    return _train(tmp_path_factory, "llava")
+def artifacts(tmp_path_factory):
+    """family -> (its quick run's directory, the reloaded model and processor), made on first use."""
+    cache: dict = {}
 
+    def get(name: str):
+        if name not in cache:
+            path = _train(tmp_path_factory, name)
+            cache[name] = (path, _load(path, name))
+        return cache[name]
 
-@pytest.fixture(scope="module")
-def trained_qwen2_vl(tmp_path_factory):
-    return _train(tmp_path_factory, "qwen2_vl")
-
-
-@pytest.fixture(scope="module")
-def loaded_llava(trained_llava):
-    return _load(trained_llava, "llava")
-
-
-@pytest.fixture(scope="module")
-def loaded_qwen2_vl(trained_qwen2_vl):
-    return _load(trained_qwen2_vl, "qwen2_vl")
+    return get
 
 
 @pytest.fixture(params=FAMILIES)
@@ -93,13 +87,13 @@ def family(request):
 
 
 @pytest.fixture
-def trained(family, request):
-    return request.getfixturevalue(f"trained_{family}")
+def trained(family, artifacts):
+    return artifacts(family)[0]
 
 
 @pytest.fixture
-def loaded(family, request):
-    return request.getfixturevalue(f"loaded_{family}")
+def loaded(family, artifacts):
+    return artifacts(family)[1]
 
 
 def items_of(split: str, n: int) -> list:
@@ -143,8 +137,8 @@ def test_quick_run_writes_the_artifacts(trained, family):
     assert dtypes == {"F16"}
 
 
-def test_reloaded_config_is_llava15_shaped(loaded_llava):
-    model, _ = loaded_llava
+def test_reloaded_config_is_llava15_shaped(artifacts):
+    model, _ = artifacts("llava")[1]
     cfg = model.config
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
@@ -152,8 +146,9 @@ def test_reloaded_config_is_llava15_shaped(loaded_llava):
     assert cfg.image_token_id == train_tiny.IMAGE_ID
 
 
-def test_reloaded_config_is_qwen2_vl_shaped(loaded_qwen2_vl):
-    model, processor = loaded_qwen2_vl
+def test_reloaded_config_is_qwen2_vl_shaped(artifacts):
+    needs_family("qwen2_vl")
+    model, processor = artifacts("qwen2_vl")[1]
     cfg = model.config
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     v, t = cfg.vision_config, cfg.text_config
