@@ -777,7 +777,6 @@ class Family:
     name: str
     model_type: str  # `config.model_type` of the models it builds
     prompt: str  # one image placeholder, then {question}; the chat template renders exactly this
-    chat_template: str
     special_tokens: tuple[str, ...]  # ids 0..4 are <pad>, <s>, </s>, <unk> and the image token
     extra_special_tokens: dict[str, str]
     bos: bool  # the tokenizer prepends <s>
@@ -850,7 +849,6 @@ class LlavaFamily(Family):
 
     name = model_type = "llava"
     prompt = PROMPT
-    chat_template = CHAT_TEMPLATE
     special_tokens = SPECIAL_TOKENS
     extra_special_tokens = {"image_token": "<image>"}
     bos = True
