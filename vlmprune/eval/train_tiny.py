@@ -1051,7 +1051,7 @@ def train_stage1(family: Family, model, objective: nn.Module, pixels: nn.Module,
 
 
 def save_model(model, processor, out: Path, extra: dict | None = None) -> None:
-    """fp16 safetensors + processor (tokenizer, image processor, chat template) into `out`."""
+    """fp16 safetensors + processor (tokenizer, image processor, chat template; none if None) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
              for k, v in model.state_dict().items()}
@@ -1063,7 +1063,8 @@ def save_model(model, processor, out: Path, extra: dict | None = None) -> None:
         if "dtype" in d:
             d["dtype"] = "float16"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    processor.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
 
 
 def bench_throughput(family: Family, arch: Arch, device: torch.device, batches: Sequence[int] = (128, 256),

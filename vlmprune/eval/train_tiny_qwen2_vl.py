@@ -15,6 +15,7 @@ schedules, grounding loss, evaluation, saving) is `train_tiny`'s. docs/training.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -128,6 +129,17 @@ def window_order(grid: int = GRID, merge: int = MERGE) -> torch.Tensor:
     return torch.arange(grid * grid).view(grid // merge, merge, grid // merge, merge).permute(0, 2, 1, 3).reshape(-1)
 
 
+@functools.lru_cache(maxsize=None)
+def on_device(name: str, device: torch.device) -> torch.Tensor:
+    """A constant index tensor, built once per device (no host-to-device copy in the training loop):
+    `window_order()`, or the tower's (row, column) rotary positions of one 24 x 24 image."""
+    if name == "window_order":
+        return window_order().to(device)
+    from transformers.vision_utils import get_vision_position_ids
+
+    return get_vision_position_ids(torch.tensor([[1, GRID, GRID]]), MERGE).to(device)
+
+
 def byte_table(image_processor) -> torch.Tensor:
     """[3, 256]: the processor's normalised value of each byte in each channel, read off its own
     output for an image whose first row runs through 0..255, so that looking bytes up in it gives
@@ -174,10 +186,10 @@ def tower_forward(visual, pixel_values: torch.Tensor, images: int) -> torch.Tens
     if n != N_PATCHES:
         raise ValueError(f"expected {N_PATCHES} patches per image, got {n}")
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-    from transformers.vision_utils import get_vision_position_ids
 
-    grid = torch.tensor([[1, GRID, GRID]])
-    positions = get_vision_position_ids(grid, visual.spatial_merge_size).to(pixel_values.device)
+    if visual.spatial_merge_size != MERGE:
+        raise ValueError(f"expected spatial_merge_size {MERGE}, got {visual.spatial_merge_size}")
+    positions = on_device("positions", pixel_values.device)
     weight = visual.patch_embed.proj.weight
     h = F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1))
     cos, sin = visual.rotary_pos_emb(h, positions)
@@ -342,7 +354,7 @@ class Qwen2VLFamily(Family):
     def visual_targets(self, heads: torch.Tensor) -> torch.Tensor:
         """A merged token is a target if any of its 4 patches is."""
         b, h, _ = heads.shape
-        order = window_order().to(heads.device)
+        order = on_device("window_order", heads.device)
         return heads[:, :, order].reshape(b, h, N_VISUAL, MERGE * MERGE).amax(-1).contiguous()
 
 
