@@ -296,6 +296,7 @@ def test_qwen2_vl_tower_order_and_window_targets():
     order = q.window_order()
     pos = get_vision_position_ids(torch.tensor([[1, 24, 24]]), 2)
     assert torch.equal(pos[:, 0], order // 24) and torch.equal(pos[:, 1], order % 24)
+    assert torch.equal(q.on_device("positions", torch.device("cpu")), pos)
     dense = torch.zeros((1, train_tiny.DENSE_ROWS, 24, 24), dtype=torch.uint8)
     dense[0, 0, 0, 0], dense[0, 0, 0, 1], dense[0, 0, 1, 0] = 3, 3, 5  # kinds in the first window
     dense[0, 1, 23, 23] = 2  # a colour in the last window's last patch

@@ -132,12 +132,10 @@ def window_order(grid: int = GRID, merge: int = MERGE) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def on_device(name: str, device: torch.device) -> torch.Tensor:
     """A constant index tensor, built once per device (no host-to-device copy in the training loop):
-    `window_order()`, or the tower's (row, column) rotary positions of one 24 x 24 image."""
-    if name == "window_order":
-        return window_order().to(device)
-    from transformers.vision_utils import get_vision_position_ids
-
-    return get_vision_position_ids(torch.tensor([[1, GRID, GRID]]), MERGE).to(device)
+    `window_order()`, or ("positions") the (row, column) of each patch in the tower's order, its
+    rotary positions (what the model's `get_vision_position_ids` gives for one 24 x 24 image)."""
+    order = window_order()
+    return (order if name == "window_order" else torch.stack([order // GRID, order % GRID], 1)).to(device)
 
 
 def byte_table(image_processor) -> torch.Tensor:
