@@ -1,13 +1,21 @@
-"""Train vlmprune's own tiny LLaVA on the embedded shapes benchmark (`vlmprune.eval.shapes`).
+"""Train vlmprune's own tiny VLMs on the embedded shapes benchmark (`vlmprune.eval.shapes`).
 
-No pretrained weights can be downloaded, so the package ships a small model of the LLaVA-1.5
-architecture trained here from scratch: a CLIP ViT at 336 px / patch 14 (576 visual tokens plus
-CLS, features from layer -2, CLS dropped: strategy "default"), a two-layer MLP projector and a small
-Llama decoder, with a word-level tokenizer over the benchmark's words and a `LlavaProcessor`.
+No pretrained weights can be downloaded, so the package ships small models trained here from
+scratch, each with a word-level tokenizer over the benchmark's words and its family's processor:
 
-    python -m vlmprune.eval.train_tiny --out DIR [--device cuda] [--stage1-steps N] [--steps N]
+- `--family llava` (default): the LLaVA-1.5 architecture: a CLIP ViT at 336 px / patch 14 (576
+  visual tokens plus CLS, features from layer -2, CLS dropped: strategy "default"), a two-layer MLP
+  projector and a small Llama decoder, with a `LlavaProcessor`;
+- `--family qwen2_vl`: the Qwen2-VL architecture (`vlmprune.eval.train_tiny_qwen2_vl`): its vision
+  tower with 2-D rotary, a 2 x 2 patch merger (144 visual tokens per 336 px image) and a Qwen2
+  decoder with M-RoPE, with a `Qwen2VLProcessor`.
+
+    python -m vlmprune.eval.train_tiny --out DIR [--family qwen2_vl] [--device cuda] [--steps N]
     python -m vlmprune.eval.train_tiny --out DIR --quick          # CPU smoke run, seconds
     python -m vlmprune.eval.train_tiny --out DIR --bench          # step throughput only
+
+What differs between the families (model, processor, prompt, GPU pixel pipeline, vision forward and
+stage-1 objective, decoder position ids) sits behind `Family`; the rest is shared.
 
 Recipe (docs/training.md):
   0. items are rendered by forked worker processes into shared memory while training runs (the
@@ -16,7 +24,8 @@ Recipe (docs/training.md):
   1. stage 1, the vision tower alone: scene attributes (colours, kinds, counts, word, ...) from the
      CLS token at the feature layer (-2) and at the last layer, so that the CLS token (and its
      attention, which `method="cls"` ranks by) gathers the objects; per visual token its kind,
-     colour, word, object centre, row and column, so that the tokens the LLM sees are local;
+     colour, word, object centre, row and column, so that the tokens the LLM sees are local
+     (Qwen2-VL, which has no CLS token: `Qwen2VLSceneObjective`);
   2. stage 2, the projector and decoder on the QA task (the tower frozen, as in LLaVA-1.5): loss on
      the answer token and </s> only, plus a grounding loss on the decoder's attention
      (`AttentionProbe`); bf16 autocast on CUDA, AdamW, cosine LR over max(step / steps, elapsed /
@@ -123,7 +132,11 @@ def build_model(arch: Arch, vocab_size: int, attn: str = "sdpa", seed: int = 0):
     )
     cfg.text_config.max_position_embeddings = 1024
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
+    return greedy_generation(LlavaForConditionalGeneration(cfg))
+
+
+def greedy_generation(model):
+    """Set the generation config the trainer's models ship with: our special ids, greedy, 8 tokens."""
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = PAD_ID, BOS_ID, EOS_ID
     gc.do_sample, gc.max_new_tokens = False, 8
@@ -147,43 +160,45 @@ def _pre_tokenizer():
     ])
 
 
-def text_words(texts: Iterable[str]) -> set[str]:
-    """The word-level pieces of `texts` as the tokenizer will cut them (lower-cased)."""
+def text_words(texts: Iterable[str], specials: Sequence[str] = SPECIAL_TOKENS) -> set[str]:
+    """The word-level pieces of `texts` as the tokenizer will cut them (lower-cased), `specials` left out."""
     pre = _pre_tokenizer()
     words: set[str] = set()
     for text in texts:
-        for special in SPECIAL_TOKENS:
+        for special in specials:
             text = text.replace(special, " ")
         words.update(w for w, _ in pre.pre_tokenize_str(text.lower()))
     return words
 
 
-def build_tokenizer(texts: Iterable[str], answers: Iterable[str]):
-    """A word-level `PreTrainedTokenizerFast`: special tokens, then every word of `texts` and of
-    the prompt format; each answer is one token (an answer of several pieces becomes an added
-    token). Lower-cases its input; prepends <s>."""
+def build_tokenizer(texts: Iterable[str], answers: Iterable[str], family: Family | None = None):
+    """A word-level `PreTrainedTokenizerFast`: the family's special tokens, then every word of `texts`
+    and of its prompt format; each answer is one token (an answer of several pieces becomes an added
+    token). Lower-cases its input; prepends <s> if the family does (LLaVA, the default)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    family = family or LLAVA
     answers = sorted({a.strip().lower() for a in answers})
-    words = text_words(list(texts) + [PROMPT.format(question="")] + answers)
+    words = text_words(list(texts) + [family.prompt.format(question="")] + answers, family.special_tokens)
     pre = _pre_tokenizer()
     multi = [a for a in answers if len(pre.pre_tokenize_str(a)) != 1]
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab = {t: i for i, t in enumerate(family.special_tokens)}
     for w in sorted(words):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in family.special_tokens])
     if multi:
         tok.add_tokens([AddedToken(a, single_word=True, normalized=True) for a in multi])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
+    if family.bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side="left", model_max_length=1024, extra_special_tokens={"image_token": "<image>"},
+        padding_side="left", model_max_length=1024, extra_special_tokens=dict(family.extra_special_tokens),
     )
 
 
@@ -206,12 +221,13 @@ def build_processor(tokenizer):
                           chat_template=CHAT_TEMPLATE)
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """Token ids of PROMPT with the <image> placeholder expanded to 576 tokens (what the processor
-    gives for one 336 px image)."""
-    ids = tokenizer(PROMPT.format(question=question))["input_ids"]
+def prompt_ids(tokenizer, question: str, family: Family | None = None) -> list[int]:
+    """Token ids of the family's prompt (LLaVA's PROMPT by default) with the image placeholder
+    expanded to its visual tokens (what the processor gives for one 336 px image: 576 for LLaVA)."""
+    family = family or LLAVA
+    ids = tokenizer(family.prompt.format(question=question))["input_ids"]
     at = ids.index(IMAGE_ID)
-    return ids[:at] + [IMAGE_ID] * N_VISUAL + ids[at + 1:]
+    return ids[:at] + [IMAGE_ID] * family.n_visual + ids[at + 1:]
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -458,8 +474,10 @@ class TrainStream:
     `capacity` items."""
 
     def __init__(self, renderer: Renderer, base: int, seeds: Sequence[int], tokenizer, width: int,
-                 device: torch.device, chunk: int, inflight: int, qtype_weight: dict[str, float] | None = None):
+                 device: torch.device, chunk: int, inflight: int, qtype_weight: dict[str, float] | None = None,
+                 family: Family | None = None):
         self.r, self.base, self.seeds, self.tok = renderer, base, list(seeds), tokenizer
+        self.family = family or LLAVA
         self.qtype_weight = qtype_weight or {}
         self.weight = torch.ones(len(self.seeds))  # sampling weight of each item (by question type)
         self.capacity, self.width, self.device, self.chunk, self.inflight = len(self.seeds), width, device, chunk, inflight
@@ -490,7 +508,7 @@ class TrainStream:
         mask = torch.zeros((len(rows), self.width), dtype=torch.bool)
         starts = torch.zeros(len(rows), dtype=torch.long)
         for i, (q, a, _) in enumerate(rows):
-            p, t = prompt_ids(self.tok, q), answer_ids(self.tok, a)
+            p, t = prompt_ids(self.tok, q, self.family), answer_ids(self.tok, a)
             if len(p) + len(t) > self.width:
                 raise ValueError(f"question too long for the row width {self.width}: {q!r}")
             start = self.width - len(p) - len(t)
@@ -577,6 +595,7 @@ def predict(model, processor, items: Sequence[Any], batch_size: int = 64, max_ne
     dtype = next(model.parameters()).dtype
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
+    prompt = family_of(model).prompt
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -586,7 +605,7 @@ def predict(model, processor, items: Sequence[Any], batch_size: int = 64, max_ne
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             inputs = processor(images=[it.image.convert("RGB") for it in batch],
-                               text=[PROMPT.format(question=it.question) for it in batch],
+                               text=[prompt.format(question=it.question) for it in batch],
                                return_tensors="pt", padding=True)
             inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()
                       if isinstance(v, torch.Tensor)}
@@ -663,18 +682,52 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
         g["lr"] = g["base_lr"] * factor
 
 
+class DenseHeads(nn.Module):
+    """Per-token stage-1 heads (thrown away after training): LayerNorm, then one linear per class map
+    of `LabelSpace.dense` (kind / colour / word / centre, cross-entropy) and for the token's own row
+    and column on its `side` x `side` grid (cross-entropy), so the tokens carry what and where; and a
+    linear regression of the x, y of the object under the token (MSE), so that a head attending to an
+    object reads its position as a number that a later layer can compare. Token i sits at grid cell
+    `cells[i]` (raster order by default)."""
+
+    def __init__(self, space: LabelSpace, dim: int, side: int = GRID, cells: torch.Tensor | None = None):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.maps = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in space.dense_classes.items()})
+        self.order = list(space.dense_classes)  # row order of LabelSpace.dense
+        self.position = nn.Linear(dim, 2 * side)  # each token's own row and column
+        self.where = nn.Linear(dim, 2)  # x, y of the object under the token (linear, for comparisons)
+        self.side = side
+        cells = torch.arange(side * side) if cells is None else cells
+        self.register_buffer("rows", cells // side, persistent=False)
+        self.register_buffer("cols", cells % side, persistent=False)
+
+    def loss(self, tokens: torch.Tensor, classes: Sequence[torch.Tensor],
+             where: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """tokens [B, N, D]; `classes`, one per class map: [B, N] class indices or [B, N, C] class
+        probabilities; where [B, N, 2] in 0..1 -> ({map or "position": cross-entropy}, MSE)."""
+        x = self.norm(tokens)
+        ce = {}
+        for name, target in zip(self.order, classes):
+            logits = self.maps[name](x).float()
+            c = logits.shape[-1]
+            ce[name] = F.cross_entropy(logits.reshape(-1, c), target.reshape(-1, c) if target.is_floating_point()
+                                       else target.reshape(-1).long())
+        pos = self.position(x).float()
+        b, s = pos.shape[0], self.side
+        ce["position"] = 0.5 * (F.cross_entropy(pos[..., :s].reshape(-1, s), self.rows.repeat(b))
+                                + F.cross_entropy(pos[..., s:].reshape(-1, s), self.cols.repeat(b)))
+        return ce, F.mse_loss(self.where(x).float(), where)
+
+
 class SceneObjective(nn.Module):
-    """Stage-1 heads on the vision tower (thrown away after training) and their loss.
+    """Stage-1 heads on the LLaVA vision tower (thrown away after training) and their loss.
 
     - `cls_feat`: LayerNorm + linear on the CLS token **at the feature layer** (hidden_states[-2],
       the layer whose CLS attention `method="cls"` reads) -> the scene attributes (BCE);
     - `cls_last`: linear on the last layer's pooled (post-LayerNorm) CLS -> the same attributes, so
       the last block is trained too, as in CLIP;
-    - `dense`: LayerNorm + one linear per class map on the feature-layer patch tokens (the tokens the
-      LLM sees) -> kind / colour / word / centre of every patch, and its own row and column
-      (cross-entropy), so the tokens carry what and where;
-    - `where`: linear regression of the x, y of the object under each patch (MSE), so that a head
-      attending to an object reads its position as a number that a later layer can compare.
+    - `dense`: `DenseHeads` on the feature-layer patch tokens (the tokens the LLM sees).
 
     Stage 2 keeps this loss, weighted by `--aux-weight`, so the CLS token (which strategy "default"
     hides from the LLM) keeps its meaning while the tower is fine-tuned on QA."""
@@ -683,32 +736,18 @@ class SceneObjective(nn.Module):
         super().__init__()
         self.cls_feat = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, len(space)))
         self.cls_last = nn.Linear(dim, len(space))
-        self.dense_norm = nn.LayerNorm(dim)
-        self.dense = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in space.dense_classes.items()})
-        self.dense_order = list(space.dense_classes)  # row order of LabelSpace.dense
-        self.position = nn.Linear(dim, 2 * GRID)  # each patch's own row and column
-        self.where = nn.Linear(dim, 2)  # x, y of the object under the patch (linear, for comparisons)
-        self.register_buffer("rows", torch.arange(GRID).repeat_interleave(GRID), persistent=False)
-        self.register_buffer("cols", torch.arange(GRID).repeat(GRID), persistent=False)
+        self.dense = DenseHeads(space, dim)
 
     def loss(self, feature_layer: torch.Tensor, pooled: torch.Tensor, cls_target: torch.Tensor,
              dense_target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """feature_layer [B, 1 + N, D] (CLS first), pooled [B, D], cls_target [B, L] uint8,
-        dense_target [B, >= 4, N] uint8 (rows in `LabelSpace.dense` order)."""
+        dense_target [B, DENSE_ROWS, N] uint8 (rows in `LabelSpace.dense` order)."""
         y = cls_target.float()
         logit_feat = self.cls_feat(feature_layer[:, 0]).float()
         logit_last = self.cls_last(pooled).float()
         bce = F.binary_cross_entropy_with_logits(logit_feat, y) + F.binary_cross_entropy_with_logits(logit_last, y)
-        patches = self.dense_norm(feature_layer[:, 1:])
-        ce = {}
-        for row, name in enumerate(self.dense_order):
-            logits = self.dense[name](patches).float()
-            ce[name] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), dense_target[:, row].reshape(-1).long())
-        pos = self.position(patches).float()
-        b = pos.shape[0]
-        ce["position"] = 0.5 * (F.cross_entropy(pos[..., :GRID].reshape(-1, GRID), self.rows.repeat(b))
-                                + F.cross_entropy(pos[..., GRID:].reshape(-1, GRID), self.cols.repeat(b)))
-        where = F.mse_loss(self.where(patches).float(), dense_target[:, 5:7].transpose(1, 2).float() / 255)
+        ce, where = self.dense.loss(feature_layer[:, 1:], dense_target[:, :4].unbind(1),
+                                    dense_target[:, 5:7].transpose(1, 2).float() / 255)
         loss = 20.0 * bce + sum(ce.values()) / len(ce) + WHERE_WEIGHT * where
         with torch.no_grad():
             stats = {"cls_exact": ((logit_feat > 0) == (y > 0.5)).all(-1).float().mean(),
@@ -717,23 +756,176 @@ class SceneObjective(nn.Module):
         return loss, stats
 
 
-def llava_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                  position_ids: torch.Tensor, logits_to_keep: int, frozen_vision: bool = False) -> tuple[torch.Tensor, Any]:
-    """`LlavaForConditionalGeneration.forward` spelled out (the same computation: features of
-    `vision_feature_layer` without CLS -> projector -> scattered into the <image> embeddings ->
-    decoder -> LM head on the last `logits_to_keep` positions), also returning the vision tower's
-    output so that the stage-1 objective can stay on as an auxiliary loss."""
-    inner = model.model
-    with torch.no_grad() if frozen_vision else contextlib.nullcontext():
-        vision = inner.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-    feats = vision.hidden_states[model.config.vision_feature_layer][:, 1:]
-    feats = inner.multi_modal_projector(feats)
-    embeds = inner.get_input_embeddings()(input_ids)
-    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids).last_hidden_state
-    return model.lm_head(hidden[:, -logits_to_keep:]), vision
+# --------------------------------------------------------------------------------------------
+# model families
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VisionOut:
+    """The vision side of a batch: `tokens` [B, n_visual, D], what the decoder receives (None when
+    not computed), and `raw`, what the family's stage-1 objective reads."""
+
+    tokens: torch.Tensor | None
+    raw: Any
+
+
+class Family:
+    """What differs between the model families the trainer builds (`--family`): the model and its
+    processor, the prompt, the GPU pixel pipeline, the vision forward and its stage-1 objective, the
+    decoder's position ids and where the grounding loss's targets land among the visual tokens. The
+    data pipeline, schedules, decoder forward, evaluation and saving are shared."""
+
+    name: str
+    model_type: str  # `config.model_type` of the models it builds
+    prompt: str  # one image placeholder, then {question}; the chat template renders exactly this
+    special_tokens: tuple[str, ...]  # ids 0..4 are <pad>, <s>, </s>, <unk> and the image token
+    extra_special_tokens: dict[str, str]
+    bos: bool  # the tokenizer prepends <s>
+    n_visual: int  # visual tokens per 336 px image in the decoder
+    arch: Arch
+    quick_arch: Arch
+
+    def model_class(self) -> type:
+        raise NotImplementedError
+
+    def build_model(self, arch: Arch, vocab_size: int, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+        raise NotImplementedError
+
+    def build_processor(self, tokenizer) -> Any:
+        raise NotImplementedError
+
+    def parts(self, model) -> dict[str, nn.Module]:
+        """Named parts for the size log."""
+        raise NotImplementedError
+
+    def tower(self, model) -> nn.Module:
+        """What stage 1 trains (with the objective's heads)."""
+        raise NotImplementedError
+
+    def frozen(self, model) -> nn.Module:
+        """What stage 2 keeps frozen unless `--vision-lr` > 0: the tower without the projector."""
+        raise NotImplementedError
+
+    def objective(self, space: LabelSpace, model) -> nn.Module:
+        raise NotImplementedError
+
+    def pixel_transform(self, processor) -> nn.Module:
+        """uint8 images [B, H, W, 3] -> the processor's `pixel_values` for them, on any device."""
+        raise NotImplementedError
+
+    def vision(self, model, pixel_values: torch.Tensor, frozen: bool = False, project: bool = True) -> VisionOut:
+        """The tower (under no_grad if `frozen`) and, if `project`, the visual tokens for the decoder."""
+        raise NotImplementedError
+
+    def scene_loss(self, objective: nn.Module, out: VisionOut, cls: torch.Tensor,
+                   dense: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The stage-1 loss of a batch (`LabelSpace` targets) and its logged parts."""
+        raise NotImplementedError
+
+    def position_ids(self, model, rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder position ids of left-padded rows, as `generate()` computes them."""
+        raise NotImplementedError
+
+    def visual_targets(self, heads: torch.Tensor) -> torch.Tensor:
+        """[B, h, 576] per-patch grounding targets -> [B, h, n_visual] over the decoder's visual tokens."""
+        raise NotImplementedError
+
+    def lm_forward(self, model, input_ids: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """The decoder half of the model's forward spelled out (visual `tokens` scattered into the image
+        placeholders' embeddings -> decoder -> LM head on the last `logits_to_keep` positions), so
+        training can run the vision half its own way (batched, frozen, with the objective's taps)."""
+        inner = model.model
+        embeds = inner.get_input_embeddings()(input_ids)
+        mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, tokens.to(embeds.dtype))
+        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids).last_hidden_state
+        return model.lm_head(hidden[:, -logits_to_keep:])
+
+
+class LlavaFamily(Family):
+    """LLaVA-1.5: CLIP ViT with CLS (576 patch tokens at layer -2, CLS dropped), MLP projector, Llama
+    decoder with 1-D RoPE (positions from the attention mask)."""
+
+    name = model_type = "llava"
+    prompt = PROMPT
+    special_tokens = SPECIAL_TOKENS
+    extra_special_tokens = {"image_token": "<image>"}
+    bos = True
+    n_visual = N_VISUAL
+    arch = Arch()
+    quick_arch = QUICK_ARCH
+
+    def model_class(self) -> type:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def build_model(self, arch: Arch, vocab_size: int, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+        return build_model(arch, vocab_size, attn, seed)
+
+    def build_processor(self, tokenizer) -> Any:
+        return build_processor(tokenizer)
+
+    def parts(self, model) -> dict[str, nn.Module]:
+        inner = model.model
+        return {"vision": inner.vision_tower, "projector": inner.multi_modal_projector, "decoder": inner.language_model}
+
+    def tower(self, model) -> nn.Module:
+        return model.model.vision_tower
+
+    def frozen(self, model) -> nn.Module:
+        return model.model.vision_tower
+
+    def objective(self, space: LabelSpace, model) -> nn.Module:
+        return SceneObjective(space, model.config.vision_config.hidden_size)
+
+    def pixel_transform(self, processor) -> nn.Module:
+        return Normalise()
+
+    def vision(self, model, pixel_values: torch.Tensor, frozen: bool = False, project: bool = True) -> VisionOut:
+        """Features of `vision_feature_layer` without CLS -> projector (strategy "default")."""
+        inner = model.model
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = inner.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        feature_layer = out.hidden_states[model.config.vision_feature_layer]
+        tokens = inner.multi_modal_projector(feature_layer[:, 1:]) if project else None
+        return VisionOut(tokens, (feature_layer, out.pooler_output))
+
+    def scene_loss(self, objective: nn.Module, out: VisionOut, cls: torch.Tensor,
+                   dense: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return objective.loss(*out.raw, cls, dense)
+
+    def position_ids(self, model, rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def visual_targets(self, heads: torch.Tensor) -> torch.Tensor:
+        return heads
+
+
+LLAVA = LlavaFamily()
+FAMILIES = ("llava", "qwen2_vl")
+
+
+def get_family(name: str) -> Family:
+    """The family called `name` (one of FAMILIES; also a model's `config.model_type`)."""
+    if name == "llava":
+        return LLAVA
+    if name == "qwen2_vl":
+        from vlmprune.eval.train_tiny_qwen2_vl import QWEN2_VL
+
+        return QWEN2_VL
+    raise ValueError(f"unknown model family {name!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def family_of(model) -> Family:
+    return get_family(model.config.model_type)
+
+
+def relevance_target(relevant: torch.Tensor) -> torch.Tensor:
+    """relevant [B, N] (`LabelSpace.dense` row 4, non-zero on the patches the question is about)
+    -> [B, 1, N] float: what every supervised head should look at."""
+    return (relevant > 0).unsqueeze(1).float()
 
 
 class AttentionProbe:
@@ -744,7 +936,8 @@ class AttentionProbe:
     that predicts the answer) for the first two heads, while the model itself keeps SDPA; the loss
     is -log of the attention mass (mean over the two heads) that falls on the visual tokens of the
     patches the question is about (`LabelSpace.relevant`). Rows with nothing to look at are
-    skipped; the other heads are free. It only shapes training: the saved model is a plain LLaVA."""
+    skipped; the other heads are free. It only shapes training: the saved model is a plain Hugging
+    Face model."""
 
     def __init__(self, model, layers: Sequence[int]):
         self.losses: list[torch.Tensor] = []
@@ -758,9 +951,9 @@ class AttentionProbe:
         self.handles = [decoder.layers[i].self_attn.register_forward_pre_hook(self._hook, with_kwargs=True)
                         for i in layers]
 
-    def set(self, key_mask: torch.Tensor, relevant: torch.Tensor, query_index: int) -> None:
-        """relevant [B, L]: non-zero at the tokens the question is about."""
-        self.target = (relevant > 0).float().unsqueeze(1)
+    def set(self, key_mask: torch.Tensor, target: torch.Tensor, query_index: int) -> None:
+        """target [B, 1, L]: 1 on the tokens the supervised heads should look at (`relevance_target`)."""
+        self.target = target
         self.key_mask, self.query_index = key_mask, query_index
         self.rows = self.target.sum(-1).squeeze(1) > 0
         self.losses = []
@@ -770,7 +963,16 @@ class AttentionProbe:
         if not self.active or not torch.is_grad_enabled():
             return
         h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
+        mass = (self.attention_row(attn, h, kwargs["position_embeddings"]) * self.target).sum(-1).mean(1)  # [B]
+        loss = -torch.log(mass.clamp_min(1e-6))
+        self.losses.append((loss * self.rows).sum() / self.rows.sum().clamp_min(1))
+
+    def attention_row(self, attn: nn.Module, h: torch.Tensor, position_embeddings: tuple) -> torch.Tensor:
+        """[B, heads, L]: softmax attention of the query at `query_index` over the allowed keys, for
+        the first `heads` heads, from the layer's q / k projections and the cos / sin it is given
+        (1-D RoPE for Llama; for Qwen2-VL the decoder's rotary embedding has already interleaved the
+        M-RoPE sections, so the same rotation applies)."""
+        cos, sin = position_embeddings
         b, length, _ = h.shape
         hd, qi, nh = attn.head_dim, self.query_index, self.heads
         q = attn.q_proj(h[:, qi]).view(b, -1, hd)[:, :nh]  # [B, nh, hd]
@@ -780,10 +982,7 @@ class AttentionProbe:
         q = q * c + _rotate_half(q) * s_
         k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
         scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * attn.scaling
-        scores = scores.masked_fill(~self.key_mask[:, None, :], float("-inf"))
-        mass = (scores.softmax(-1) * self.target).sum(-1).mean(1)  # [B]
-        loss = -torch.log(mass.clamp_min(1e-6))
-        self.losses.append((loss * self.rows).sum() / self.rows.sum().clamp_min(1))
+        return scores.masked_fill(~self.key_mask[:, None, :], float("-inf")).softmax(-1)
 
     def loss(self) -> torch.Tensor | None:
         self.active = False
@@ -807,14 +1006,13 @@ def _fmt(stats: dict[str, Any]) -> str:
     return " ".join(f"{k} {float(v):.3f}" for k, v in stats.items())
 
 
-def train_stage1(model, objective: SceneObjective, stream: TrainStream, args, device: torch.device,
-                 history: list[dict], t_start: float) -> int:
-    tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
+def train_stage1(family: Family, model, objective: nn.Module, pixels: nn.Module, stream: TrainStream, args,
+                 device: torch.device, history: list[dict], t_start: float) -> int:
+    """Stage 1: the family's vision tower and the objective's heads on the scene targets."""
+    tower = family.tower(model)
     params = list(tower.parameters()) + list(objective.parameters())
     opt = make_optimizer(param_groups(list(tower.named_parameters()) + list(objective.named_parameters()),
                                       args.stage1_lr, args.wd), device)
-    norm = Normalise().to(device)
     tower.train()
     objective.train()
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -830,8 +1028,8 @@ def train_stage1(model, objective: SceneObjective, stream: TrainStream, args, de
         set_lr(opt, lr_at(progress, step, 1.0, args.warmup))
         idx = stream.sample(args.stage1_batch, gen).to(device)
         with _amp(device):
-            out = tower(pixel_values=norm(stream.images[idx]), output_hidden_states=True)
-            loss, stats = objective.loss(out.hidden_states[layer], out.pooler_output, stream.cls[idx], stream.dense[idx])
+            out = family.vision(model, pixels(stream.images[idx]), project=False)
+            loss, stats = family.scene_loss(objective, out, stream.cls[idx], stream.dense[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -848,7 +1046,7 @@ def train_stage1(model, objective: SceneObjective, stream: TrainStream, args, de
 
 
 def save_model(model, processor, out: Path, extra: dict | None = None) -> None:
-    """fp16 safetensors + processor (tokenizer, image processor, chat template) into `out`."""
+    """fp16 safetensors + processor (tokenizer, image processor, chat template; none if None) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
              for k, v in model.state_dict().items()}
@@ -860,19 +1058,22 @@ def save_model(model, processor, out: Path, extra: dict | None = None) -> None:
         if "dtype" in d:
             d["dtype"] = "float16"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    processor.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
 
 
-def bench_throughput(arch: Arch, device: torch.device, batches: Sequence[int] = (128, 256), vocab: int = 300,
-                     text_len: int = 24, iters: int = 8) -> dict:
-    """Training steps per second of stage 1 (vision tower) and stage 2 (whole model) on random data:
-    how many steps fit in a time budget on this device (`--bench`)."""
-    model = build_model(arch, vocab).to(device)
-    opt = make_optimizer([{"params": list(model.parameters())}], device)
-    tower = model.model.vision_tower
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def bench_throughput(family: Family, arch: Arch, device: torch.device, batches: Sequence[int] = (128, 256),
+                     vocab: int = 300, text_len: int = 24, iters: int = 8) -> dict:
+    """Training steps per second of stage 1 (vision tower + objective) and stage 2 (whole model, the
+    tower trained too) on random data, through the training code's own forward: how many steps fit
+    in a time budget on this device (`--bench`)."""
+    model = family.build_model(arch, vocab).to(device)
+    space = LabelSpace(shapes_module())
+    objective = family.objective(space, model).to(device)
+    pixels = family.pixel_transform(family.build_processor(build_tokenizer([], [], family))).to(device)
+    opt = make_optimizer([{"params": list(model.parameters()) + list(objective.parameters())}], device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    result = {"params": n_params(model), "arch": asdict(arch)}
+    result = {"family": family.name, "params": n_params(model), "arch": asdict(arch)}
 
     def timed(fn) -> float:
         for _ in range(2):
@@ -884,22 +1085,27 @@ def bench_throughput(arch: Arch, device: torch.device, batches: Sequence[int] = 
         sync()
         return (time.perf_counter() - t) / iters
 
+    first = len(family.special_tokens)  # random text ids above the special tokens
     for b in batches:
-        x = torch.randn(b, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
-        ids = torch.cat([torch.full((b, 3), 5), torch.full((b, N_VISUAL), IMAGE_ID),
-                         torch.randint(5, vocab, (b, text_len))], 1).to(device)
+        images = torch.randint(0, 256, (b, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=device)
+        cls = torch.randint(0, 2, (b, len(space)), dtype=torch.uint8, device=device)
+        dense = torch.zeros((b, DENSE_ROWS, GRID * GRID), dtype=torch.uint8, device=device)
+        ids = torch.cat([torch.full((b, 3), first), torch.full((b, family.n_visual), IMAGE_ID),
+                         torch.randint(first, vocab, (b, text_len))], 1).to(device)
+        attn = torch.ones_like(ids)
+        positions = family.position_ids(model, ids, attn)
 
         def stage1():
-            with amp:
-                o = tower(pixel_values=x, output_hidden_states=True)
-            loss = o.hidden_states[-2][:, 0].float().square().mean() + o.pooler_output.float().square().mean()
+            with _amp(device):
+                loss, _ = family.scene_loss(objective, family.vision(model, pixels(images), project=False), cls, dense)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         def stage2():
-            with amp:
-                logits = model(input_ids=ids, pixel_values=x, attention_mask=torch.ones_like(ids), logits_to_keep=3).logits
+            with _amp(device):
+                tokens = family.vision(model, pixels(images)).tokens
+                logits = family.lm_forward(model, ids, tokens, attn, positions, 3)
             loss = logits.float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -929,6 +1135,8 @@ def vocabulary_texts(shapes: Any, n_scan: int) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vlmprune.eval.train_tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (model, processor, train_log.json)")
+    ap.add_argument("--family", choices=FAMILIES, default="llava",
+                    help="model architecture: LLaVA-1.5 (default) or Qwen2-VL")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="a few steps of a smaller model on CPU (smoke check)")
     ap.add_argument("--seed", type=int, default=0)
@@ -983,12 +1191,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    arch = QUICK_ARCH if args.quick else Arch()
+    family = get_family(args.family)
+    arch = family.quick_arch if args.quick else family.arch
     if args.arch:
         arch = Arch(**{**asdict(arch), **json.loads(args.arch)})
     device = torch.device(args.device)
     if args.bench:
-        log(json.dumps(bench_throughput(arch, device, batches=(4,) if args.quick else (128, 256))))
+        log(json.dumps(bench_throughput(family, arch, device, batches=(4,) if args.quick else (128, 256))))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1001,10 +1210,10 @@ def main(argv: list[str] | None = None) -> int:
     # 0. tokenizer, processor, rendering workers (forked before CUDA starts) ------------------------
     texts = vocabulary_texts(shapes, 64 if args.quick else 3000)
     answer_list = [str(a) for a in shapes.ANSWER_VOCAB]
-    tokenizer = build_tokenizer(texts, answer_list)
-    processor = build_processor(tokenizer)
+    tokenizer = build_tokenizer(texts, answer_list, family)
+    processor = family.build_processor(tokenizer)
     max_answer = max(len(answer_ids(tokenizer, a)) for a in answer_list)  # answer tokens + </s>
-    width = max(len(prompt_ids(tokenizer, q)) for q in set(texts)) + max_answer + 8
+    width = max(len(prompt_ids(tokenizer, q, family)) for q in set(texts)) + max_answer + 8
     val_seeds = list(shapes.split_seeds("val", args.val))
     test_seeds = list(shapes.split_seeds("test", args.test))
     train_seeds = list(shapes.split_seeds("train", args.pool))
@@ -1015,18 +1224,19 @@ def main(argv: list[str] | None = None) -> int:
             f"workers; {time.perf_counter() - t_start:.1f}s")
 
         # model ------------------------------------------------------------------------------------
-        model = build_model(arch, len(tokenizer))
+        model = family.build_model(arch, len(tokenizer))
         total = n_params(model)
-        log(f"[model] {total / 1e6:.2f}M params (vision {n_params(model.model.vision_tower) / 1e6:.2f}M, projector "
-            f"{n_params(model.model.multi_modal_projector) / 1e6:.2f}M, decoder {n_params(model.model.language_model) / 1e6:.2f}M"
-            f" + lm_head); fp16 ~{2 * total / 2**20:.1f} MiB")
+        sizes = ", ".join(f"{name} {n_params(part) / 1e6:.2f}M" for name, part in family.parts(model).items())
+        log(f"[model] {family.name}: {total / 1e6:.2f}M params ({sizes} + lm_head); fp16 ~{2 * total / 2**20:.1f} MiB")
         model.to(device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        objective = SceneObjective(space, model.config.vision_config.hidden_size).to(device)
+        objective = family.objective(space, model).to(device)
+        pixels = family.pixel_transform(processor).to(device)
         stream = TrainStream(renderer, n_val + n_test, train_seeds, tokenizer, width, device, args.chunk,
-                             inflight=max(2, 3 * args.workers), qtype_weight=parse_weights(args.qtype_weight))
+                             inflight=max(2, 3 * args.workers), qtype_weight=parse_weights(args.qtype_weight),
+                             family=family)
         stream.pump(at_least=min(len(train_seeds), 8 * args.chunk))
         # validation and test items queue behind the first training chunks
         val_set = EvalSet(renderer, 0, val_seeds, args.chunk)
@@ -1038,7 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # 1. vision pre-training ---------------------------------------------------------------------
         t1 = time.perf_counter()
-        s1_steps = train_stage1(model, objective, stream, args, device, history, t_start) if args.stage1_steps > 0 else 0
+        s1_steps = (train_stage1(family, model, objective, pixels, stream, args, device, history, t_start)
+                    if args.stage1_steps > 0 else 0)
         times["stage1_s"] = round(time.perf_counter() - t1, 2)
         times["stage1_steps"] = s1_steps
 
@@ -1046,12 +1257,13 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time.perf_counter()
         frozen = args.vision_lr <= 0  # LLaVA-1.5's recipe: the vision tower stays frozen
         use_aux = args.aux_weight > 0 and not frozen
-        vision = [(n, p) for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
-        rest = [(n, p) for n, p in model.named_parameters() if ".vision_tower." not in f".{n}"]
+        in_tower = {id(p) for p in family.frozen(model).parameters()}
+        vision = [(n, p) for n, p in model.named_parameters() if id(p) in in_tower]
+        rest = [(n, p) for n, p in model.named_parameters() if id(p) not in in_tower]
         groups = param_groups(rest, args.lr, args.wd)
         side = []  # vision tower (+ stage-1 heads): clipped on their own, so they cannot throttle the LLM
         if frozen:
-            model.model.vision_tower.requires_grad_(False)
+            family.frozen(model).requires_grad_(False)
         else:
             side = param_groups(vision, args.vision_lr, args.wd)
             if use_aux:
@@ -1059,16 +1271,14 @@ def main(argv: list[str] | None = None) -> int:
         opt = make_optimizer(groups + side, device)
         main_params = [p for g in groups for p in g["params"]]
         side_params = [p for g in side for p in g["params"]]
-        norm = Normalise().to(device)
         gen = torch.Generator().manual_seed(args.seed + 2)
-        layer = model.config.vision_feature_layer
         steps_per_epoch = max(1, args.epoch_items // args.batch)
         best, best_step, stale, done = -1.0, 0, 0, 0
         run: dict[str, Any] = {}
         model.train()
         objective.train()
         if frozen:
-            model.model.vision_tower.eval()
+            family.frozen(model).eval()
         stop_reason = "steps"
         deadline = max(1.0, args.budget - (t2 - t_start))
         k = max_answer + 1  # logits of the positions that predict the answer tokens and </s>
@@ -1090,19 +1300,18 @@ def main(argv: list[str] | None = None) -> int:
             idx = idx_cpu.to(device)
             rows, amask = stream.ids[idx, keep:], stream.answer_mask[idx, keep:]
             attn = (rows != PAD_ID).long()
-            position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+            position_ids = family.position_ids(model, rows, attn)
             if probe is not None:
-                visual = rows == IMAGE_ID
-                codes = torch.zeros(rows.shape, dtype=torch.uint8, device=device)
-                codes[visual] = stream.dense[idx, 4].reshape(-1)
+                visual = (rows == IMAGE_ID).unsqueeze(1)
+                target = torch.zeros(visual.shape, device=device)
+                target.masked_scatter_(visual, family.visual_targets(relevance_target(stream.dense[idx, 4])))
                 keys = attn.bool()
                 keys[:, rows.shape[1] - k + 1:] = False  # the query sees itself and what comes before
-                probe.set(keys, codes, -k)
+                probe.set(keys, target, -k)
             with _amp(device):
-                logits, vision_out = llava_forward(model, rows, norm(stream.images[idx]), attn, position_ids, k,
-                                                   frozen_vision=frozen)
-                aux, aux_stats = (objective.loss(vision_out.hidden_states[layer], vision_out.pooler_output,
-                                                 stream.cls[idx], stream.dense[idx])
+                vision_out = family.vision(model, pixels(stream.images[idx]), frozen=frozen)
+                logits = family.lm_forward(model, rows, vision_out.tokens, attn, position_ids, k)
+                aux, aux_stats = (family.scene_loss(objective, vision_out, stream.cls[idx], stream.dense[idx])
                                   if use_aux else (None, {}))
             logits = logits[:, :-1].float()
             target = rows[:, -(k - 1):].masked_fill(~amask[:, -(k - 1):], -100)
@@ -1193,10 +1402,10 @@ def main(argv: list[str] | None = None) -> int:
     model.cpu()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    shipped = LlavaForConditionalGeneration.from_pretrained(out, dtype=dtype).to(device).eval()
+    shipped = family.model_class().from_pretrained(out, dtype=dtype).to(device).eval()
     proc = AutoProcessor.from_pretrained(out)
     details = {}
     test_acc = evaluate(shipped, proc, test_items, args.eval_batch, max_answer + 1, details=details)
@@ -1217,7 +1426,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_log(out: Path, args, arch: Arch, total: int, history, val_hist, times, test) -> None:
-    data = {"args": vars(args), "arch": asdict(arch), "params": total, "torch": torch.__version__,
+    data = {"args": vars(args), "family": args.family, "arch": asdict(arch), "params": total, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available()
             else "cpu", "times": times, "train": history, "val": val_hist, "test": test}
     tmp = out / "train_log.json.tmp"
@@ -1226,4 +1435,7 @@ def _write_log(out: Path, args, arch: Arch, total: int, history, val_hist, times
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package module's main, so that the Qwen2-VL family (which imports it) shares this code
+    from vlmprune.eval.train_tiny import main as _main
+
+    sys.exit(_main())
