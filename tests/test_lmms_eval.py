@@ -61,9 +61,9 @@ def lmms_eval_cli(model_dir: Path, out: Path, launcher: list[str]) -> tuple[str,
     """Run lmms-eval's CLI on the shapes task offline; (its output, results.json, samples by doc)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "HF_DATASETS_CACHE": str(out / "datasets-cache")}
-    args = ["--model", "vlmprune", "--model_args", f"pretrained={model_dir},method=cls,keep={KEEP},batch_size=2,device=cpu",
-            "--tasks", "vlmprune_shapes", "--include_path", lmms.task_path(), "--limit", str(LIMIT),
-            "--output_path", str(out), "--log_samples"]
+    model_args = f"pretrained={model_dir},method=cls,keep={KEEP},batch_size=2,device=cpu"
+    args = ["--model", "vlmprune", "--model_args", model_args, "--tasks", "vlmprune_shapes",
+            "--include_path", lmms.task_path(), "--limit", str(LIMIT), "--output_path", str(out), "--log_samples"]
     proc = subprocess.run([*launcher, "-m", "lmms_eval", *args], env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -103,7 +103,8 @@ def test_cli_answers_are_vlmprune_s(single, direct, loaded):
     assert results["n-samples"]["vlmprune_shapes"] == {"original": 2000, "effective": LIMIT}
     # the patch ran inside lmms-eval: each logged prompt is the pruned one, and the plugin's count
     _, processor = loaded
-    pruned = [len(train_tiny.prompt_ids(processor.tokenizer, it.question)) - (N_VISUAL - KEEP) for it in direct["items"]]
+    removed = N_VISUAL - KEEP
+    pruned = [len(train_tiny.prompt_ids(processor.tokenizer, it.question)) - removed for it in direct["items"]]
     assert [s["token_counts"][0]["input_tokens"] for s in samples] == pruned
     assert f"vlmprune cls keep={KEEP}: kept {KEEP} of {N_VISUAL} visual tokens per image over {LIMIT} images" in log
 
@@ -144,9 +145,10 @@ def test_loglikelihood_matches_greedy_generation(model_dir, loaded):
     doc = lmms.shapes_rows(1)[0]
     lm.task_dict = {"shapes": {"test": [doc]}}
     with vlmprune.pruning(model, "cls", keep=KEEP):
-        inputs = processor(images=lmms.shapes_doc_to_visual(doc), text=[train_tiny.PROMPT.format(question=doc["question"])],
-                           return_tensors="pt")
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        prompt = train_tiny.PROMPT.format(question=doc["question"])
+        inputs = processor(images=lmms.shapes_doc_to_visual(doc), text=[prompt], return_tensors="pt")
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
     tokens = gen.sequences[0, inputs["input_ids"].shape[1]:]
     expected = sum(float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(gen.scores, tokens))
     words = processor.tokenizer.decode(tokens, skip_special_tokens=True).split()
@@ -154,8 +156,8 @@ def test_loglikelihood_matches_greedy_generation(model_dir, loaded):
     other = next(w for w in shapes.WORDS if w != words[0])
 
     def request(continuation: str) -> Instance:
-        return Instance("loglikelihood", (doc["question"], continuation, lmms.shapes_doc_to_visual, 0, "shapes", "test"),
-                        0, {"task": "shapes", "doc_id": 0, "repeats": 1})
+        args = (doc["question"], continuation, lmms.shapes_doc_to_visual, 0, "shapes", "test")
+        return Instance("loglikelihood", args, 0, {"task": "shapes", "doc_id": 0, "repeats": 1})
 
     (full, full_greedy), (first, first_greedy), (wrong, wrong_greedy) = lm.loglikelihood(
         [request(" " + " ".join(words)), request(" " + words[0]), request(" " + other)])
@@ -170,7 +172,8 @@ def test_model_args_are_checked_before_loading():
     args = parse_model_args("pretrained=org/model-7,method=vtc_cls,keep=64,layers=[12,18],batch_size=8,dtype=float16")
     assert args == {"pretrained": "org/model-7", "method": "vtc_cls", "keep": 64, "layers": [12, 18],
                     "batch_size": 8, "dtype": "float16"}
-    assert parse_model_args("method=cls,layer=-3,prune_ratio=0.75") == {"method": "cls", "layer": -3, "prune_ratio": 0.75}
+    assert parse_model_args("method=cls,layer=-3,prune_ratio=0.75") == {
+        "method": "cls", "layer": -3, "prune_ratio": 0.75}
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['foo'\]; allowed: \['pretrained', .*\['layer'\]"):
         VLMPrune(pretrained="not-loaded", method="cls", keep=16, foo=1)
     with pytest.raises(ValueError, match="need a method"):
