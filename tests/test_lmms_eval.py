@@ -20,6 +20,7 @@ import torch
 lmms_eval = pytest.importorskip("lmms_eval")
 
 import vlmprune  # noqa: E402
+from tests.test_lmms_task import crafted_predictions  # noqa: E402
 from vlmprune.eval import lmms, shapes, train_tiny  # noqa: E402
 
 LIMIT = 5
@@ -164,6 +165,28 @@ def test_loglikelihood_matches_greedy_generation(model_dir, loaded):
     assert full == pytest.approx(expected, abs=1e-3) and full_greedy
     assert first_greedy and not wrong_greedy and wrong < first
     assert [[len(s) for s in row] for row in vlmprune.last_selection(lm.model)] == [[KEEP]]
+
+
+@pytest.mark.parametrize("name", ["vlmprune_shapes", "vlmprune_shapes_short"])
+def test_task_yaml_as_lmms_eval_reads_it(name):
+    """lmms-eval's YAML loader resolves the data file next to the YAML, and each metric of the YAML
+    aggregates to the accuracy it names."""
+    from lmms_eval.utils import load_yaml_config
+
+    config = load_yaml_config(str(Path(lmms.task_path()) / "shapes" / f"{name}.yaml"))
+    assert config["task"] == name
+    assert config["dataset_kwargs"]["data_files"] == {"test": str(lmms.SHAPES_DATA)}
+    rows, preds, expected = crafted_predictions()
+    per_doc = [config["process_results"](r, [p]) for r, p in zip(rows, preds)]
+    got = {}
+    for metric in config["metric_list"]:
+        values = [d[metric["metric"]] for d in per_doc]
+        aggregate = metric["aggregation"]
+        got[metric["metric"]] = sum(values) / len(values) if aggregate == "mean" else aggregate(values)
+    assert got == pytest.approx(expected)
+    prompt = config["doc_to_text"](rows[0], config["lmms_eval_specific_kwargs"]["default"])
+    short = "\nAnswer the question using a single word or phrase."
+    assert prompt == rows[0]["question"] + (short if name.endswith("short") else "")
 
 
 def test_model_args_are_checked_before_loading():

@@ -33,17 +33,25 @@ def test_doc_to_text_wraps_the_question():
     assert lmms.shapes_doc_to_text(row, {"pre_prompt": "Q: ", "post_prompt": "\nA:"}) == f"Q: {row['question']}\nA:"
 
 
-def test_accuracy_overall_and_per_question_type():
+def crafted_predictions() -> tuple[list[dict], list[str], dict[str, float]]:
+    """Ten task rows, predictions right for two colour items (one only after normalisation) and one
+    count item (as a number word), and the accuracies they must give."""
     rows = lmms.shapes_rows(10)  # question types cycle: colour, count, presence, relpos, word, colour, ...
     spoken = {"0": "none", "1": "one", "2": "Two.", "3": "three", "4": "four"}
     preds = ["wrong"] * 10
-    preds[0] = f"The {rows[0]['answer'].upper()}."  # colour, normalised to the answer
-    preds[5] = rows[5]["answer"]  # colour
-    preds[1] = spoken[rows[1]["answer"]]  # count, as a number word
+    preds[0] = f"The {rows[0]['answer'].upper()}."
+    preds[5] = rows[5]["answer"]
+    preds[1] = spoken[rows[1]["answer"]]
+    expected = {"accuracy": 0.3, "accuracy_colour": 1.0, "accuracy_count": 0.5, "accuracy_presence": 0.0,
+                "accuracy_relpos": 0.0, "accuracy_word": 0.0}
+    return rows, preds, expected
+
+
+def test_accuracy_overall_and_per_question_type():
+    rows, preds, expected = crafted_predictions()
     per_doc = [lmms.shapes_process_results(r, [p]) for r, p in zip(rows, preds)]
     assert [d["accuracy"] for d in per_doc] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    expected = {"colour": 1.0, "count": 0.5, "presence": 0.0, "relpos": 0.0, "word": 0.0}
-    for qtype, value in expected.items():
+    for qtype in shapes.QTYPES:
         aggregate = getattr(lmms, f"shapes_accuracy_{qtype}")
-        assert aggregate([d[f"accuracy_{qtype}"] for d in per_doc]) == value, qtype
+        assert aggregate([d[f"accuracy_{qtype}"] for d in per_doc]) == expected[f"accuracy_{qtype}"], qtype
     assert math.isnan(lmms.shapes_accuracy_word([d["accuracy_word"] for d in per_doc[:3]]))  # no word item
