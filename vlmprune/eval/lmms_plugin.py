@@ -133,7 +133,6 @@ class VLMPrune(lmms):
         self.vlm: HFVLM = load_vlm(pretrained, device, dtype, attn_implementation)
         self.processor = self.vlm.processor
         self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
         self.method = method
         if method is not None:
             vlmprune.patch(self.vlm.model, method, keep=keep, prune_ratio=prune_ratio, positions=positions,
