@@ -205,3 +205,5 @@ def test_model_args_are_checked_before_loading():
         VLMPrune(pretrained="not-loaded", method="nope", keep=16)
     with pytest.raises(ValueError, match="give exactly one of keep"):
         VLMPrune(pretrained="not-loaded", method="cls")
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 'auto'"):
+        VLMPrune(pretrained="not-loaded", batch_size="auto")

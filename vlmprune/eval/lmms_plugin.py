@@ -118,12 +118,9 @@ class VLMPrune(lmms):
         super().__init__()
         method = None if method in (None, "none") else method
         check_pruning(method, keep, prune_ratio, positions, method_options)
-        try:
-            self.batch_size_per_process = int(batch_size)
-        except ValueError:
-            raise ValueError(f"vlmprune model_args: batch_size must be a positive int, got {batch_size!r}") from None
-        if self.batch_size_per_process < 1:
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"vlmprune model_args: batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size_per_process = int(batch_size)
         if pretrained in BUILTIN_MODELS:
             raise ValueError(f"vlmprune model_args: pretrained={pretrained!r} has no processor; give a local model "
                              f"directory or a hub id")
