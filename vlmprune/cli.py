@@ -1,4 +1,4 @@
-"""The `vlmprune` command: demo, sweep, show, bench, methods, models.
+"""The `vlmprune` command: demo, sweep, show, bench, methods, models, lmms-task-path.
 
 Bad input (unknown method or model, keep < 0, missing or undecodable file, ...) ends with one
 line on stderr and exit status 2; set VLMPRUNE_DEBUG=1 for the traceback."""
@@ -254,6 +254,14 @@ def models() -> None:
             for a in _ADAPTERS for t in a.model_types]
     show_table("supported models", sorted(rows, key=lambda r: r["type"]),
                {"type": "model_type", "classes": "classes", "positions": "positions (default)"})
+
+
+@app.command("lmms-task-path")
+def lmms_task_path() -> None:
+    """Print the folder of vlmprune's lmms-eval tasks, for `lmms_eval --include_path`."""
+    from vlmprune.eval.lmms import task_path
+
+    typer.echo(task_path())
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ TINY = dict(
     text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
 )
 BUILTIN_MODELS = ("tiny", "llava-7b-shapes")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_PROMPT = "Describe the image."
 
 
@@ -129,10 +130,7 @@ class HFVLM(VLM):
         self.std = tuple(getattr(ip, "image_std", None) or (1.0, 1.0, 1.0))
 
     def text(self, prompt: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return self.processor.apply_chat_template(chat, add_generation_prompt=True)
-        return f"USER: <image>\n{prompt} ASSISTANT:"
+        return chat_text(self.processor, prompt)
 
     def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.processor(images=[im.convert("RGB") for im in images], text=[self.text(p) for p in prompts],
@@ -142,6 +140,16 @@ class HFVLM(VLM):
 
     def decode(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def chat_text(processor: Any, prompt: str, n_images: int = 1) -> str:
+    """One user turn of `n_images` images then `prompt`, through the processor's chat template
+    (LLaVA-1.5's plain "USER: <image>\\n... ASSISTANT:" format when it has none)."""
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = ((getattr(processor, "image_token", None) or "<image>") + "\n") * n_images
+    return f"USER: {images}{prompt} ASSISTANT:"
 
 
 def resolve_device(device: str) -> torch.device:

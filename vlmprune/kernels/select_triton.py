@@ -59,10 +59,11 @@ def _select_kernel(
     zero = tl.full([BLOCK_N], 0, tl.uint32)
     absmask = tl.full([BLOCK_N], 0x7FFFFFFF, tl.uint32)
     expmask = tl.full([BLOCK_N], 0x7F800000, tl.uint32)
+    ones = tl.full([BLOCK_N], 0xFFFFFFFF, tl.uint32)  # u ^ ones, not ~u: Triton 3.8's interpreter fails on ~uint32
     u = tl.where((u & absmask) > expmask, nan_as, u)  # NaN -> -inf
     u = tl.where(u == sign, zero, u)  # -0.0 -> +0.0
     # order-preserving map: negatives flip all bits, non-negatives set the sign bit
-    key = tl.where((u & sign) != zero, ~u, u | sign)
+    key = tl.where((u & sign) != zero, u ^ ones, u | sign)
     key = tl.where(live, key, zero)
 
     # radix select of the k-th largest key, one bit at a time from the top

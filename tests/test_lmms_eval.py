@@ -1,0 +1,209 @@
+"""lmms-eval integration, offline: `--model vlmprune` is found through our entry point, and lmms-eval's
+own CLI runs the shapes task on a random-weight LLaVA saved to disk (576 visual tokens per image,
+cls keep=16), in one process and then in two data-parallel processes. The answers it logs are
+those of the model patched directly with vlmprune; the prompt lengths it logs are the pruned ones;
+the accuracy is recomputed from the samples. Skipped when lmms-eval is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+lmms_eval = pytest.importorskip("lmms_eval")
+
+import vlmprune  # noqa: E402
+from tests.test_lmms_task import crafted_predictions  # noqa: E402
+from vlmprune.eval import lmms, shapes, train_tiny  # noqa: E402
+
+LIMIT = 5
+KEEP = 16
+N_VISUAL = train_tiny.N_VISUAL  # 576
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random-weight LLaVA-1.5-architecture model with the benchmark's tokenizer and processor,
+    saved as train_tiny saves its model (random weights answer with image-dependent word strings)."""
+    out = tmp_path_factory.mktemp("model")
+    tokenizer = train_tiny.build_tokenizer(train_tiny.vocabulary_texts(shapes, 64), map(str, shapes.ANSWER_VOCAB))
+    model = train_tiny.build_model(train_tiny.QUICK_ARCH, len(tokenizer))
+    train_tiny.save_model(model, train_tiny.build_processor(tokenizer), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def direct(loaded):
+    """Greedy answers of the first LIMIT test items, one at a time, unpatched and patched by hand."""
+    model, processor = loaded
+    items = [shapes.make_item(seed) for seed in shapes.split_seeds("test", LIMIT)]
+    unpatched = train_tiny.predict(model, processor, items, batch_size=1, max_new_tokens=8)
+    with vlmprune.pruning(model, "cls", keep=KEEP):
+        patched = train_tiny.predict(model, processor, items, batch_size=1, max_new_tokens=8)
+    return {"items": items, "unpatched": unpatched, "patched": patched}
+
+
+def lmms_eval_cli(model_dir: Path, out: Path, launcher: list[str]) -> tuple[str, dict, list[dict]]:
+    """Run lmms-eval's CLI on the shapes task offline; (its output, results.json, samples by doc)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "HF_DATASETS_CACHE": str(out / "datasets-cache")}
+    model_args = f"pretrained={model_dir},method=cls,keep={KEEP},batch_size=2,device=cpu"
+    args = ["--model", "vlmprune", "--model_args", model_args, "--tasks", "vlmprune_shapes",
+            "--include_path", lmms.task_path(), "--limit", str(LIMIT), "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run([*launcher, "-m", "lmms_eval", *args], env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    results = json.loads(next(out.rglob("*_results.json")).read_text())
+    lines = next(out.rglob("*_samples_vlmprune_shapes.jsonl")).read_text().splitlines()
+    return log, results, sorted((json.loads(line) for line in lines), key=lambda s: s["doc_id"])
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    return lmms_eval_cli(model_dir, tmp_path_factory.mktemp("single"), [sys.executable])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_entry_point_registers_the_model():
+    from lmms_eval.models import get_model, get_model_manifest
+
+    from vlmprune.eval.lmms_plugin import VLMPrune
+
+    (ep,) = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "vlmprune"]
+    assert ep.value == "vlmprune.eval.lmms:model_manifest"
+    assert get_model_manifest("vlmprune").simple_class_path == "vlmprune.eval.lmms_plugin.VLMPrune"
+    assert get_model("vlmprune") is VLMPrune
+
+
+def test_cli_answers_are_vlmprune_s(single, direct, loaded):
+    log, results, samples = single
+    assert direct["patched"] != direct["unpatched"]  # pruning to 16 tokens changes this model's answers
+    assert [(s["doc_id"], s["input"], s["target"]) for s in samples] == [
+        (i, it.question, it.answer) for i, it in enumerate(direct["items"])]
+    assert [s["filtered_resps"] for s in samples] == direct["patched"]
+    assert results["n-samples"]["vlmprune_shapes"] == {"original": 2000, "effective": LIMIT}
+    # the patch ran inside lmms-eval: each logged prompt is the pruned one, and the plugin's count
+    _, processor = loaded
+    removed = N_VISUAL - KEEP
+    pruned = [len(train_tiny.prompt_ids(processor.tokenizer, it.question)) - removed for it in direct["items"]]
+    assert [s["token_counts"][0]["input_tokens"] for s in samples] == pruned
+    assert f"vlmprune cls keep={KEEP}: kept {KEEP} of {N_VISUAL} visual tokens per image over {LIMIT} images" in log
+
+
+def test_cli_accuracy_is_recomputed_from_the_samples(single):
+    _, results, samples = single
+    hits = [float(shapes.score(s["filtered_resps"], s["target"])) for s in samples]
+    assert [s["accuracy"] for s in samples] == hits
+    assert results["results"]["vlmprune_shapes"]["accuracy,none"] == sum(hits) / LIMIT
+    for qtype, hit in zip(shapes.QTYPES, hits):  # the first five items hold one of each type, in this order
+        assert results["results"]["vlmprune_shapes"][f"accuracy_{qtype},none"] == hit
+
+
+def test_data_parallel_run_gathers_the_same_samples(model_dir, single, tmp_path):
+    """`accelerate launch --num_processes 2` (two CPU processes over gloo here): each rank gets its
+    shard, and the gathered samples are those of the one-process run."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    log, results, samples = lmms_eval_cli(model_dir, tmp_path, launcher)
+    assert "Running on rank 1" in log
+    # ranks get docs 0, 2, 4 and 1, 3 (+ one padding request): three images each
+    assert log.count(f"kept {KEEP} of {N_VISUAL} visual tokens per image over 3 images") == 2
+    key = lambda s: (s["doc_id"], s["filtered_resps"], s["token_counts"], s["accuracy"])  # noqa: E731
+    assert [key(s) for s in samples] == [key(s) for s in single[2]]
+    assert results["results"] == single[1]["results"]
+
+
+def test_loglikelihood_matches_greedy_generation(model_dir, loaded):
+    """The plugin's log-likelihood of the patched model's own greedy continuation is the sum of the
+    log-probs `generate` scored it with, and is flagged greedy; another first word is not."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    model, processor = loaded
+    lm = get_model("vlmprune").create_from_arg_string(f"pretrained={model_dir},method=cls,keep={KEEP}",
+                                                      {"batch_size": 1, "device": "cpu"})
+    doc = lmms.shapes_rows(1)[0]
+    lm.task_dict = {"shapes": {"test": [doc]}}
+    with vlmprune.pruning(model, "cls", keep=KEEP):
+        prompt = train_tiny.PROMPT.format(question=doc["question"])
+        inputs = processor(images=lmms.shapes_doc_to_visual(doc), text=[prompt], return_tensors="pt")
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    tokens = gen.sequences[0, inputs["input_ids"].shape[1]:]
+    expected = sum(float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(gen.scores, tokens))
+    words = processor.tokenizer.decode(tokens, skip_special_tokens=True).split()
+    assert len(words) == 3
+    other = next(w for w in shapes.WORDS if w != words[0])
+
+    def request(continuation: str) -> Instance:
+        args = (doc["question"], continuation, lmms.shapes_doc_to_visual, 0, "shapes", "test")
+        return Instance("loglikelihood", args, 0, {"task": "shapes", "doc_id": 0, "repeats": 1})
+
+    (full, full_greedy), (first, first_greedy), (wrong, wrong_greedy) = lm.loglikelihood(
+        [request(" " + " ".join(words)), request(" " + words[0]), request(" " + other)])
+    assert full == pytest.approx(expected, abs=1e-3) and full_greedy
+    assert first_greedy and not wrong_greedy and wrong < first
+    assert [[len(s) for s in row] for row in vlmprune.last_selection(lm.model)] == [[KEEP]]
+
+
+@pytest.mark.parametrize("name", ["vlmprune_shapes", "vlmprune_shapes_short"])
+def test_task_yaml_as_lmms_eval_reads_it(name):
+    """lmms-eval's YAML loader resolves the data file next to the YAML, and each metric of the YAML
+    aggregates to the accuracy it names."""
+    from lmms_eval.utils import load_yaml_config
+
+    config = load_yaml_config(str(Path(lmms.task_path()) / "shapes" / f"{name}.yaml"))
+    assert config["task"] == name
+    assert config["dataset_kwargs"]["data_files"] == {"test": str(lmms.SHAPES_DATA)}
+    rows, preds, expected = crafted_predictions()
+    per_doc = [config["process_results"](r, [p]) for r, p in zip(rows, preds)]
+    got = {}
+    for metric in config["metric_list"]:
+        values = [d[metric["metric"]] for d in per_doc]
+        aggregate = metric["aggregation"]
+        got[metric["metric"]] = sum(values) / len(values) if aggregate == "mean" else aggregate(values)
+    assert got == pytest.approx(expected)
+    prompt = config["doc_to_text"](rows[0], config["lmms_eval_specific_kwargs"]["default"])
+    short = "\nAnswer the question using a single word or phrase."
+    assert prompt == rows[0]["question"] + (short if name.endswith("short") else "")
+
+
+def test_model_args_are_checked_before_loading():
+    from vlmprune.eval.lmms_plugin import VLMPrune, parse_model_args
+
+    args = parse_model_args("pretrained=org/model-7,method=vtc_cls,keep=64,layers=[12,18],batch_size=8,dtype=float16")
+    assert args == {"pretrained": "org/model-7", "method": "vtc_cls", "keep": 64, "layers": [12, 18],
+                    "batch_size": 8, "dtype": "float16"}
+    assert parse_model_args("method=cls,layer=-3,prune_ratio=0.75") == {
+        "method": "cls", "layer": -3, "prune_ratio": 0.75}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['foo'\]; allowed: \['pretrained', .*\['layer'\]"):
+        VLMPrune(pretrained="not-loaded", method="cls", keep=16, foo=1)
+    with pytest.raises(ValueError, match="need a method"):
+        VLMPrune(pretrained="not-loaded", keep=16)
+    with pytest.raises(ValueError, match="unknown method 'nope'; available methods: .*'cls'"):
+        VLMPrune(pretrained="not-loaded", method="nope", keep=16)
+    with pytest.raises(ValueError, match="give exactly one of keep"):
+        VLMPrune(pretrained="not-loaded", method="cls")
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 'auto'"):
+        VLMPrune(pretrained="not-loaded", batch_size="auto")
