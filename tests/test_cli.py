@@ -47,7 +47,7 @@ def swept(tmp_path_factory):
         v.model.register_forward_hook(lambda *a: forwards.append(1))
         return v
 
-    args = ["sweep", "--methods", "cls,random", "--keep", "576,1", "--limit", 3, "--batch-size", 2,
+    args = ["sweep", "--model", "tiny", "--methods", "cls,random", "--keep", "576,1", "--limit", 3, "--batch-size", 2,
             "--max-new-tokens", 3, "--device", "cpu", "--out", out]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sweep_mod, "load_vlm", counting)
@@ -94,7 +94,7 @@ def test_sweep_rerun_skips_finished_cells(swept):
 def test_sweep_extended_runs_only_new_cells(swept, tmp_path):
     out = tmp_path / "more"
     shutil.copytree(swept["out"], out)
-    res = invoke("sweep", "--methods", "cls,random", "--keep", "576,1,4", "--limit", 3, "--batch-size", 2,
+    res = invoke("sweep", "--model", "tiny", "--methods", "cls,random", "--keep", "576,1,4", "--limit", 3, "--batch-size", 2,
                  "--max-new-tokens", 3, "--device", "cpu", "--out", out)
     assert res.exit_code == 0, res.output
     assert "ran 2 cells, skipped 5" in res.output
@@ -142,7 +142,7 @@ def test_sweep_records_failing_items_and_goes_on(tmp_path):
         {"image": "missing.png", "question": "What?", "answer": "x"},
         {"image": "broken.png", "question": "What?", "answer": "y"},
     ]))
-    res = invoke("sweep", "--methods", "uniform", "--keep", "4", "--data", data, "--device", "cpu",
+    res = invoke("sweep", "--model", "tiny", "--methods", "uniform", "--keep", "4", "--data", data, "--device", "cpu",
                  "--max-new-tokens", 2, "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
@@ -160,7 +160,8 @@ def test_show_dims_exactly_the_pruned_patches(tmp_path, vlm):
     arr = colours.repeat_interleave(14, 0).repeat_interleave(14, 1).numpy()
     src = tmp_path / "in.png"
     Image.fromarray(arr).save(src)
-    res = invoke("show", src, "--method", "cls", "--keep", 50, "--device", "cpu", "-o", tmp_path / "out.png")
+    res = invoke("show", src, "--model", "tiny", "--method", "cls", "--keep", 50, "--device", "cpu",
+                 "-o", tmp_path / "out.png")
     assert res.exit_code == 0, res.output
     assert "kept 50 of 576" in res.output
     with vlmprune.pruning(vlm.model, "cls", keep=50), torch.no_grad():
@@ -217,6 +218,7 @@ def test_methods_and_models_list_registries():
     (["sweep", "--model", "no-such-model"], "'no-such-model'"),
     (["sweep", "--data", "no/such.jsonl"], "no/such.jsonl"),
     (["sweep", "--keep", "64", "--prune-ratio", "0.5"], "not both"),
+    (["sweep", "--overlays", "-1"], "-1"),
     (["demo", "--keep", "-5"], "-5"),
     (["demo", "--method", "nosuch"], "'nosuch'"),
     (["show", "no_such.png"], "no_such.png"),
@@ -278,3 +280,39 @@ def test_pretrained_path_with_processor(tmp_path):
     assert got.shape == (336, 336, 3)  # shortest edge 336, centre crop 336
     bright = {(r, c) for r in range(24) for c in range(24) if got[14 * r + 7, 14 * c + 7, 0] > 150}
     assert len(bright) == 144  # kept patches keep the red 200; pruned ones are dimmed to 60
+
+
+def test_sweep_without_arguments_runs_the_embedded_model_on_the_benchmark(tmp_path):
+    """No --model / --data / --methods: the shipped LLaVA on the shapes test split, the default
+    methods; the unpruned answers are the trainer's own `evaluate()` answers on the same items."""
+    from vlmprune.eval import shapes, train_tiny
+    from vlmprune.eval.sweep import embedded_path
+
+    out = tmp_path / "default"
+    res = invoke("sweep", "--keep", "64", "--limit", 6, "--device", "cpu", "--out", out, "--overlays", 2)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["model"] == "shapes-llava" and results["task"] == "shapes"
+    assert list(results["cells"]) == ["unpruned", "cls@keep=64", "divprune@keep=64", "random@keep=64"]
+    items = [shapes.make_item(s) for s in shapes.split_seeds("test", 6)]
+    got = results["cells"]["unpruned"]["items"]
+    assert [r["answer"] for r in got] == [it.answer for it in items]
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(embedded_path("shapes-llava"), dtype=torch.float32)
+    details: dict = {}
+    train_tiny.evaluate(model.eval(), AutoProcessor.from_pretrained(embedded_path("shapes-llava")), items, details=details)
+    assert [r["prediction"] for r in got] == details["predictions"]
+    assert "accuracy" in res.output and "accuracy_vs_tokens.png" in res.output
+    # overlays.png: 2 rows (items) x 4 tiles (image, cls, divprune, random), each tile the `show` overlay
+    from vlmprune.eval.sweep import load_vlm
+    from vlmprune.eval.visualise import CAPTION_PX, kept_overlay
+
+    grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
+    assert grid.shape == (2 * (336 + CAPTION_PX), 4 * 336, 3)
+    vlm = load_vlm("shapes-llava", "cpu")
+    for row, item in enumerate(items[:2]):
+        for col, method in enumerate(["cls", "divprune", "random"], start=1):
+            want = np.asarray(kept_overlay(vlm, item.image, method, item.question, keep=64)[0])
+            top = row * (336 + CAPTION_PX) + CAPTION_PX
+            assert np.array_equal(grid[top:top + 336, col * 336:(col + 1) * 336], want), (row, method)

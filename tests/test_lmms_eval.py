@@ -152,8 +152,8 @@ def test_loglikelihood_matches_greedy_generation(model_dir, loaded):
                              return_dict_in_generate=True)
     tokens = gen.sequences[0, inputs["input_ids"].shape[1]:]
     expected = sum(float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(gen.scores, tokens))
-    words = processor.tokenizer.decode(tokens, skip_special_tokens=True).split()
-    assert len(words) == 3
+    words = processor.tokenizer.convert_ids_to_tokens(tokens.tolist())  # word-level: one piece per word
+    assert len(words) == 3 and not set(tokens.tolist()) & set(processor.tokenizer.all_special_ids)
     other = next(w for w in shapes.WORDS if w != words[0])
 
     def request(continuation: str) -> Instance:

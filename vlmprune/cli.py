@@ -15,12 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vlmprune.eval import DEFAULT_METHODS, DEFAULT_MODEL
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Prune visual tokens of Hugging Face vision-language models: demo, sweeps, overlays, benchmarks.",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
-MODEL_HELP = "'tiny' (random, 576 visual tokens), 'llava-7b-shapes' (random 7B weights), or a path / hub id"
+MODEL_HELP = ("'shapes-llava' (embedded, trained on the shapes benchmark), 'shapes-qwen2-vl', 'tiny' (random, "
+              "576 visual tokens), 'llava-7b-shapes' (random 7B weights), or a path / hub id")
 
 
 def friendly(fn: Callable) -> Callable:
@@ -123,34 +126,37 @@ def demo(
 @app.command()
 @friendly
 def sweep(
-    model: str = typer.Option("tiny", help=MODEL_HELP),
-    methods: str = typer.Option("cls,random,uniform", help="comma-separated methods"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated methods"),
     keep: Optional[str] = typer.Option(None, help="comma-separated visual tokens kept per image [576,192,128,64]"),
     prune_ratio: Optional[str] = typer.Option(None, help="comma-separated fractions removed, instead of --keep"),
-    data: Optional[str] = typer.Option(None, help="JSONL of {image, question, answer?}, or 'shapes[:DIR]'; "
-                                                  "default: random images (fidelity)"),
-    limit: Optional[int] = typer.Option(None, help="items to evaluate (random images: default 8)"),
+    data: Optional[str] = typer.Option(None, help="JSONL of {image, question, answer?}, or 'shapes[:DIR]'; default: "
+                                                  "'shapes' for an embedded model, else random images (fidelity)"),
+    limit: Optional[int] = typer.Option(None, help="items to evaluate (shapes: 100 test items; random images: 8)"),
     batch_size: int = typer.Option(4, help="items per batch"),
     max_new_tokens: int = typer.Option(8, help="greedy tokens per answer"),
     out: Path = typer.Option(Path("sweep-out"), help="output folder (a rerun skips finished cells)"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
     attn: str = typer.Option("sdpa", help="sdpa | eager | flash_attention_2"),
+    overlays: int = typer.Option(0, help="also draw the kept patches of every method on the first N items (overlays.png)"),
 ) -> None:
     """Every method x keep on a task: table, results.csv, results.json, accuracy_vs_tokens.png."""
     from rich.progress import Progress
 
-    from vlmprune.eval.sweep import SweepSpec, run_sweep, summary_rows
+    from vlmprune.eval.sweep import SweepSpec, default_data, run_sweep, summary_rows
 
     method_list = parse_list(methods, "--methods")
     check_methods(method_list)
+    if overlays < 0:
+        raise ValueError(f"--overlays must be >= 0 (items drawn), got {overlays}")
     ratios = parse_list(prune_ratio, "--prune-ratio", float)
     if keep is not None and ratios is not None:
         raise ValueError("give --keep or --prune-ratio, not both")
     keeps = parse_list(keep, "--keep", int) if ratios is None else None
     spec = SweepSpec(model=model, methods=method_list, keeps=keeps or ([576, 192, 128, 64] if ratios is None else None),
-                     ratios=ratios, data=data, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     out=str(out), device=device, dtype=dtype, attn=attn)
+                     ratios=ratios, data=data if data is not None else default_data(model), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     out=str(out), device=device, dtype=dtype, attn=attn, overlays=overlays)
     with Progress(console=console) as progress:
         results = run_sweep(spec, progress=progress)
     rows = summary_rows(results)
@@ -162,14 +168,14 @@ def sweep(
         "prefill_ms": "prefill ms", "ttft_ms": "TTFT ms", "items": "items", "errors": "errors"})
     run = results["last_run"]
     console.print(f"ran {len(run['ran'])} cells, skipped {len(run['skipped'])} finished; wrote {out}/results.csv, "
-                  f"{out}/results.json, {out}/accuracy_vs_tokens.png")
+                  f"{out}/results.json, {out}/accuracy_vs_tokens.png" + (f", {out}/overlays.png" if overlays > 0 else ""))
 
 
 @app.command()
 @friendly
 def show(
     image: Path = typer.Argument(..., help="image file"),
-    model: str = typer.Option("tiny", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     method: str = typer.Option("cls"),
     keep: Optional[int] = typer.Option(None, help="visual tokens kept [64 unless --prune-ratio]"),
     prune_ratio: Optional[float] = typer.Option(None, help="fraction removed, instead of --keep"),

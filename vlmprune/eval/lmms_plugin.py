@@ -32,7 +32,7 @@ from lmms_eval.api.model import lmms
 
 import vlmprune
 from vlmprune.config import make_config
-from vlmprune.eval.sweep import BUILTIN_MODELS, HFVLM, chat_text, load_vlm
+from vlmprune.eval.sweep import RANDOM_MODELS, HFVLM, chat_text, load_vlm
 from vlmprune.scorers import available_methods, scorer_options
 
 MODEL_ARGS = ("pretrained", "method", "keep", "prune_ratio", "positions", "attn_implementation", "batch_size",
@@ -121,7 +121,7 @@ class VLMPrune(lmms):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"vlmprune model_args: batch_size must be a positive int, got {batch_size!r}")
         self.batch_size_per_process = int(batch_size)
-        if pretrained in BUILTIN_MODELS:
+        if pretrained in RANDOM_MODELS:
             raise ValueError(f"vlmprune model_args: pretrained={pretrained!r} has no processor; give a local model "
                              f"directory or a hub id")
         self.accelerator = Accelerator()

@@ -505,7 +505,8 @@ def _n(rng: random.Random, at_least: int = 0) -> int:
 
 
 def _propose(rng: random.Random, qtype: str, want: str | None) -> tuple[Scene, dict[str, Any]] | None:
-    """One attempt at a scene and a query of `qtype` (answer `want` for yes/no types)."""
+    """One attempt at a scene and a query of `qtype` (answer `want` for yes/no types; for relpos
+    `want` says whether the answer is the first or the second object named)."""
     word = qtype == "word" or rng.random() < 0.35
     colours = list(COLOURS)
     if qtype == "colour":

@@ -30,9 +30,10 @@ import torch
 from PIL import Image
 
 import vlmprune
+from vlmprune.eval import DEFAULT_METHODS, EMBEDDED_MODELS, SHAPES_DEFAULT_LIMIT
 from vlmprune.eval.fidelity import Generation, agreement, first_token_kl, greedy
 from vlmprune.eval.tiny import PAD, left_pad, llava_7b_config, tiny_llava
-from vlmprune.eval.visualise import plot_sweep
+from vlmprune.eval.visualise import overlay_grid, plot_sweep
 
 # "tiny": LLaVA-1.5's visual token count (336 px / patch 14 = 24 x 24 = 576) at a small width,
 # with a decoder heavier than the vision tower, as in the real model. Runs in seconds on a CPU.
@@ -40,7 +41,8 @@ TINY = dict(
     image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=4,
     text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
 )
-BUILTIN_MODELS = ("tiny", "llava-7b-shapes")
+RANDOM_MODELS = ("tiny", "llava-7b-shapes")  # random weights, built from a config, no processor
+BUILTIN_MODELS = RANDOM_MODELS + tuple(EMBEDDED_MODELS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_PROMPT = "Describe the image."
@@ -181,9 +183,17 @@ def build_on(device: torch.device, dtype: torch.dtype, build: Callable[[], torch
         torch.set_default_dtype(old)
 
 
+def embedded_path(name: str) -> Path:
+    """The folder of an embedded model (`EMBEDDED_MODELS`)."""
+    return Path(__file__).parent / "assets" / EMBEDDED_MODELS[name]
+
+
 def load_vlm(name: str = "tiny", device: str = "auto", dtype: str = "auto", attn: str = "sdpa") -> VLM:
     """'tiny' (random, 576 visual tokens, small width), 'llava-7b-shapes' (random weights with
-    LLaVA-1.5-7B shapes) or a local directory / hub id loaded with its processor."""
+    LLaVA-1.5-7B shapes), an embedded trained model ('shapes-llava', 'shapes-qwen2-vl') or a local
+    directory / hub id loaded with its processor."""
+    if name in EMBEDDED_MODELS:
+        return load_vlm(str(embedded_path(name)), device, dtype, attn)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name == "tiny":
@@ -292,10 +302,16 @@ def shapes_task(directory: str | None, limit: int | None) -> ItemsTask:
     """The embedded synthetic benchmark (`vlmprune.eval.shapes`): a saved split, or test-split items."""
     from vlmprune.eval import shapes
 
-    objs = shapes.load_split(directory) if directory else [shapes.make_item(s) for s in shapes.split_seeds("test", limit or 200)]
+    objs = shapes.load_split(directory) if directory else [shapes.make_item(s) for s in shapes.split_seeds("test", limit or SHAPES_DEFAULT_LIMIT)]
     objs = list(objs)[:limit] if limit is not None else list(objs)
     items = [Item(str(getattr(o, "id", i)), o.image, o.question, o.answer) for i, o in enumerate(objs)]
     return ItemsTask("shapes", items, shapes.score)
+
+
+def default_data(model: str) -> str | None:
+    """The task a sweep runs when none is given: the embedded benchmark for a model trained on it,
+    random images (fidelity only) for any other."""
+    return "shapes" if model in EMBEDDED_MODELS else None
 
 
 def make_task(data: str | None, limit: int | None) -> Task:
@@ -535,7 +551,7 @@ class SweepSpec:
     """Everything a sweep needs besides the model."""
 
     model: str = "tiny"
-    methods: list[str] = field(default_factory=lambda: ["cls", "random", "uniform"])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     keeps: list[int] | None = None
     ratios: list[float] | None = None
     data: str | None = None
@@ -546,9 +562,10 @@ class SweepSpec:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "sdpa"
+    overlays: int = 0  # first items drawn in overlays.png (kept patches per method at the smallest budget)
 
     def config(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "out"}
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "overlays")}
 
 
 def run_sweep(spec: SweepSpec, vlm: VLM | None = None, progress: Any = None) -> dict[str, Any]:
@@ -590,7 +607,18 @@ def run_sweep(spec: SweepSpec, vlm: VLM | None = None, progress: Any = None) -> 
     rows = summary_rows(results)
     write_csv(out_dir / "results.csv", rows)
     plot_sweep(rows, out_dir / "accuracy_vs_tokens.png", title=f"{spec.model} on {task.name}")
+    if spec.overlays > 0:
+        write_overlays(vlm, task, cells, spec.overlays, out_dir / "overlays.png")
     return results
+
+
+def write_overlays(vlm: VLM, task: Task, cells: list[Cell], n: int, path: Path) -> None:
+    """The kept patches of every method on the first `n` items that decode, at the sweep's
+    smallest budget (`visualise.overlay_grid`)."""
+    smallest = min(cells, key=lambda c: c.kept(vlm.n_visual))
+    loaded = [lo for lo in load_items(task.items()[:n + 8]) if lo.image is not None][:n]
+    overlay_grid(vlm, [lo.image for lo in loaded], [lo.item.prompt for lo in loaded],
+                 list(dict.fromkeys(c.method for c in cells)), path, **smallest.patch_kwargs())
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -96,3 +96,31 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+CAPTION_PX = 18  # caption strip above each tile of an overlay grid
+
+
+def overlay_grid(vlm: Any, images: list[Image.Image], prompts: list[str], methods: list[str], path: str | Path,
+                 **patch_kwargs: Any) -> Image.Image:
+    """One row per image: the encoder's view, then the kept-patch overlay of each method (same
+    `patch_kwargs`, e.g. keep=64), each tile captioned; saved to `path` as PNG."""
+    from PIL import ImageDraw
+
+    rows = []
+    for image, prompt in zip(images, prompts):
+        view = vlm.view(vlm.inputs([image], [prompt])["pixel_values"][0])
+        tiles = [("image", view.resize((view.width * display_scale(view.size),) * 2, Image.NEAREST))]
+        tiles += [(m, kept_overlay(vlm, image, m, prompt, **patch_kwargs)[0]) for m in methods]
+        rows.append(tiles)
+    side = rows[0][0][1].width
+    grid = Image.new("RGB", (side * len(rows[0]), (side + CAPTION_PX) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    amount = ", ".join(f"{k}={v}" for k, v in patch_kwargs.items())
+    for r, tiles in enumerate(rows):
+        y = r * (side + CAPTION_PX)
+        for c, (label, tile) in enumerate(tiles):
+            grid.paste(tile, (c * side, y + CAPTION_PX))
+            draw.text((c * side + 4, y + 3), label if label == "image" else f"{label} ({amount})", fill="black")
+    grid.save(path)
+    return grid
