@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.maxmin import NORM_EPS2, gram_sum, maxmin_select_ref
+from vlmprune.kernels.select_triton import row_budget
 
 MAX_N = 8192
 """Longest row the greedy program holds in registers; longer rows use the torch reference."""
@@ -89,10 +90,7 @@ def _greedy_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
-    vb = n
-    if HAS_VALID:
-        vb = tl.minimum(tl.maximum(tl.load(valid_ptr + b).to(tl.int32), 0), n)
-    kb = tl.minimum(tl.load(k_ptr + b).to(tl.int32), vb)  # k clipped to valid
+    vb, kb = row_budget(k_ptr, valid_ptr, b, n, HAS_VALID)
     live = offs < vb
     base = gram_ptr + b * s_db
     order = order_ptr + b * s_ob

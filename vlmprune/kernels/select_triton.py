@@ -31,6 +31,17 @@ _FEAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
+def row_budget(k_ptr, valid_ptr, row, n, HAS_VALID: tl.constexpr):
+    """(valid tokens, k clipped to them) of one row: valid_ptr[row] clamped to [0, n] (n without
+    HAS_VALID), k_ptr[row] capped at it. Shared by the selection and the max-min kernels."""
+    vb = n
+    if HAS_VALID:
+        vb = tl.minimum(tl.maximum(tl.load(valid_ptr + row).to(tl.int32), 0), n)
+    kb = tl.minimum(tl.load(k_ptr + row).to(tl.int32), vb)
+    return vb, kb
+
+
+@triton.jit
 def _select_kernel(
     scores_ptr,  # float32 / float16 / bfloat16 [B, N], any strides
     k_ptr,  # integer [B]
@@ -46,10 +57,7 @@ def _select_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
-    vb = n
-    if HAS_VALID:
-        vb = tl.minimum(tl.maximum(tl.load(valid_ptr + row).to(tl.int32), 0), n)
-    kb = tl.minimum(tl.load(k_ptr + row).to(tl.int32), vb)  # k clipped to valid
+    vb, kb = row_budget(k_ptr, valid_ptr, row, n, HAS_VALID)
     live = offs < vb
 
     x = tl.load(scores_ptr + row * stride_sb + offs * stride_sn, mask=live, other=0.0).to(tl.float32)
