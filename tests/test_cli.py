@@ -316,3 +316,14 @@ def test_sweep_without_arguments_runs_the_embedded_model_on_the_benchmark(tmp_pa
             want = np.asarray(kept_overlay(vlm, item.image, method, item.question, keep=64)[0])
             top = row * (336 + CAPTION_PX) + CAPTION_PX
             assert np.array_equal(grid[top:top + 336, col * 336:(col + 1) * 336], want), (row, method)
+
+
+def test_plot_leaves_out_the_time_panel_without_timings(tmp_path):
+    from vlmprune.eval.visualise import plot_sweep
+
+    rows = [dict(method="unpruned", visual_tokens=576, metric=0.8, metric_name="accuracy", prefill_ms=9.0),
+            dict(method="cls", visual_tokens=64, metric=0.5, metric_name="accuracy", prefill_ms=2.0)]
+    plot_sweep(rows, tmp_path / "two.png")
+    plot_sweep([dict(r, prefill_ms=None) for r in rows], tmp_path / "one.png")
+    two, one = Image.open(tmp_path / "two.png"), Image.open(tmp_path / "one.png")
+    assert two.size[1] == one.size[1] and one.size[0] < 0.6 * two.size[0]

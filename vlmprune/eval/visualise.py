@@ -64,7 +64,7 @@ def display_scale(size: tuple[int, int], target: int = 336) -> int:
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Two panels against kept visual tokens per image, one line per method: the metric, and the
-    prefill time; the unpruned model is a horizontal reference line in both."""
+    prefill time (left out when no row has one); the unpruned model is a horizontal reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,8 +73,12 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     ref = next((r for r in rows if r["method"] == "unpruned"), None)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"))
     metric_name = (ref or rows[0])["metric_name"] if rows else "metric"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "prefill_ms", "prefill time (ms, median per batch)")):
+    panels = [("metric", metric_name)]
+    if any(r.get("prefill_ms") is not None for r in rows):  # no timings (e.g. dropped as unreliable): one panel
+        panels.append(("prefill_ms", "prefill time (ms, median per batch)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5 * (len(panels) == 1), 4.2), squeeze=False)
+    axes = axes[0]
+    for ax, (key, label) in zip(axes, panels):
         for i, m in enumerate(methods):
             pts = sorted((r["visual_tokens"], r[key]) for r in rows if r["method"] == m and r[key] is not None)
             if pts:
