@@ -171,3 +171,15 @@ def test_image_token_count_mismatch():
     vlmprune.patch(model, method="cls", keep=4)
     with pytest.raises(ValueError, match="image tokens"):
         model(input_ids=torch.tensor([prompt(1)]), pixel_values=pixels(2))
+
+
+def test_stack_padded_pads_ragged_rows_with_zeros_at_the_end():
+    from vlmprune.adapters.base import stack_padded
+
+    a, b = torch.arange(6.0).view(3, 2), torch.arange(10.0, 14.0).view(2, 2)
+    out = stack_padded([a, b])
+    assert out.shape == (2, 3, 2)
+    assert torch.equal(out[0], a) and torch.equal(out[1, :2], b) and torch.equal(out[1, 2], torch.zeros(2))
+    v1, v2 = torch.arange(3.0), torch.arange(5.0)  # 1-D rows (attention rows)
+    assert torch.equal(stack_padded([v1, v2]), torch.tensor([[0.0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]))
+    assert torch.equal(stack_padded([a, a + 1]), torch.stack([a, a + 1]))

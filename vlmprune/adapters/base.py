@@ -50,6 +50,16 @@ def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.T
     return sel.indices, out
 
 
+def stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[len(rows), max length, ...]: per-image tensors stacked along a new first dim, zero-padded
+    at the end of their first dim; one stack when all have the same shape (the common case, and
+    the cheap one: per-image pads cost a launch each on the host-bound scoring path)."""
+    if all(r.shape == rows[0].shape for r in rows):
+        return torch.stack(rows)
+    width = max(r.shape[0] for r in rows)
+    return torch.stack([nn.functional.pad(r, (0, 0) * (r.ndim - 1) + (0, width - r.shape[0])) for r in rows])
+
+
 class Adapter:
     """One per model family. Subclasses set `model_types`/`model_classes` and implement
     `encoder_info`, `visual_token_id`, `encoder_owner`, `collecting` and `encode_images`."""
@@ -138,8 +148,8 @@ class Adapter:
 
     def signals_for(self, feats: list[torch.Tensor]) -> Signals:
         """Stack the recorded signals of these images into one padded `Signals`."""
-        n = max(f.shape[0] for f in feats)
-        padded = torch.stack([nn.functional.pad(f, (0, 0, 0, n - f.shape[0])) for f in feats])
+        padded = stack_padded(feats)
+        n = padded.shape[1]
         signals = Signals(
             n_valid=torch.tensor([f.shape[0] for f in feats], device=padded.device),
             grid=self.info.grid if self.info.grid[0] * self.info.grid[1] == n else (1, n),
@@ -161,10 +171,7 @@ class Adapter:
             found.append(sig)
         for name in wanted:
             for layer in getattr(self.request, name):
-                rows = [sig[name][layer] for sig in found]
-                width = max(r.shape[0] for r in rows)
-                pad = [(0, 0) * (r.ndim - 1) + (0, width - r.shape[0]) for r in rows]
-                getattr(signals, name)[layer] = torch.stack([nn.functional.pad(r, p) for r, p in zip(rows, pad)])
+                getattr(signals, name)[layer] = stack_padded([sig[name][layer] for sig in found])
         return signals
 
     # --- shared -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,11 +29,13 @@ class RandomScorer(Scorer):
         return row.expand(signals.num_images, -1).to(signals.n_valid.device)
 
 
+@functools.lru_cache(maxsize=256)
 def strided_grid(h: int, w: int, k: int) -> torch.Tensor:
     """k raster indices spread evenly over an h x w grid (ascending).
 
     A gh x gw lattice of cell centres with gh/gw close to h/w and gh*gw >= k is laid over the grid;
-    when it has more than k points, k of them are taken at even strides along its raster order."""
+    when it has more than k points, k of them are taken at even strides along its raster order.
+    Cached (a pure function of h, w, k; callers copy out of the returned tensor)."""
     n = h * w
     k = max(0, min(k, n))
     if k == 0:
