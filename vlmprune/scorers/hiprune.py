@@ -81,27 +81,32 @@ class HiPruneScorer(Scorer):
         valid = valid_mask(signals.n_valid, n, device)
         ks = budget(k, signals.n_valid, device)
         obj_order = rank(obj, valid).tolist()
-        keep = torch.zeros(len(ks), n, dtype=torch.bool, device=device)
+        full = [ki >= nv for ki, nv in zip(ks, signals.n_valid.tolist())]
+        chosen_rows, rests = [], []  # anchors + buffers per image, picked on the host (a short, sequential walk)
         for i, ki in enumerate(ks):
-            nv = int(valid[i].sum())
-            if ki >= nv:
-                keep[i] = valid[i]
-                continue
-            m = min(ki, math.floor(self.alpha * ki + 0.5))
-            anchors = obj_order[i][: math.ceil(m / 5)]
-            chosen = set(anchors)
-            for a in anchors:
-                r, c = divmod(a, w)
-                for nr, nc in ((r - 1, c), (r, c - 1), (r, c + 1), (r + 1, c)):
-                    if len(chosen) >= m:
-                        break
-                    j = nr * w + nc
-                    if 0 <= nr < h and 0 <= nc < w and j < nv and j not in chosen:
-                        chosen.add(j)
-            mask = torch.zeros(n, dtype=torch.bool, device=device)
-            mask[list(chosen)] = True
-            rest = ki - len(chosen)
-            if rest > 0:
-                mask[rank(reg[i : i + 1], (valid[i] & ~mask)[None])[0, :rest]] = True
-            keep[i] = mask
+            chosen: set[int] = set()
+            if not full[i]:
+                nv = int(signals.n_valid[i])
+                m = min(ki, math.floor(self.alpha * ki + 0.5))
+                anchors = obj_order[i][: math.ceil(m / 5)]
+                chosen = set(anchors)
+                for a in anchors:
+                    r, c = divmod(a, w)
+                    for nr, nc in ((r - 1, c), (r, c - 1), (r, c + 1), (r + 1, c)):
+                        if len(chosen) >= m:
+                            break
+                        j = nr * w + nc
+                        if 0 <= nr < h and 0 <= nc < w and j < nv and j not in chosen:
+                            chosen.add(j)
+            chosen_rows.append(sorted(chosen))
+            rests.append(0 if full[i] else ki - len(chosen))
+        chosen = torch.zeros(len(ks), n, dtype=torch.bool)
+        for i, row in enumerate(chosen_rows):
+            chosen[i, row] = True
+        chosen = chosen.to(device)
+        # registers: the top `rest` of the deep layer's attention among the valid tokens not chosen, all images at once
+        order = rank(reg, valid & ~chosen)
+        take = torch.arange(n, device=device)[None, :] < torch.tensor(rests, device=device)[:, None]
+        keep = chosen | torch.zeros_like(chosen).scatter(1, order, take)
+        keep = torch.where(torch.tensor(full, device=device)[:, None], valid, keep)
         return Selection(indices=pack(keep))

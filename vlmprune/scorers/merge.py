@@ -105,31 +105,51 @@ class VisionZipScorer(Scorer):
         kmax = max(ks, default=0)
         out_idx = torch.full((len(ks), kmax), -1, dtype=torch.long, device=device)
         out_feat = torch.zeros(len(ks), kmax, feats.shape[-1], dtype=feats.dtype, device=device)
-        for i, ki in enumerate(ks):
-            nv = int(valid[i].sum())
+        groups: dict[tuple[int, int], list[int]] = {}  # images with the same (valid tokens, budget) run together
+        for i, (nv, ki) in enumerate(zip(signals.n_valid.tolist(), ks)):
+            groups.setdefault((min(int(nv), n), ki), []).append(i)
+        for (nv, ki), rows in groups.items():
             if ki == 0:
                 continue
+            sel = torch.tensor(rows, device=device)
             if ki >= nv:
-                out_idx[i, :nv] = torch.arange(nv, device=device)
-                out_feat[i, :nv] = feats[i, :nv]
+                out_idx[sel, :nv] = torch.arange(nv, device=device)
+                out_feat[sel, :nv] = feats[sel, :nv]
                 continue
-            n_dom, n_ctx = split_budget(ki, self.contextual_ratio)
-            is_dom = torch.zeros(n, dtype=torch.bool, device=device)
-            is_dom[order[i, :n_dom]] = True
-            kept = feats[i].float().clone()
-            rest = torch.nonzero(valid[i] & ~is_dom).flatten()  # ascending
-            keep = is_dom.clone()
-            if n_ctx > 0:
-                step = rest.numel() // n_ctx
-                targets = rest[torch.arange(n_ctx, device=device) * step]
-                others = rest[~torch.isin(rest, targets)]
-                sim = metric[i, others] @ metric[i, targets].T  # [R - C, C]
-                group = sim.argmax(dim=1)  # first maximum: lower target index
-                sums = feats[i, targets].float().index_add(0, group, feats[i, others].float())
-                counts = torch.ones(n_ctx, device=device).index_add(0, group, torch.ones(others.numel(), device=device))
-                kept[targets] = sums / counts[:, None]
-                keep[targets] = True
-            idx = torch.nonzero(keep).flatten()
-            out_idx[i, :ki] = idx
-            out_feat[i, :ki] = kept[idx].to(feats.dtype)
+            idx, merged = self._zip(feats[sel], metric[sel], order[sel], nv, ki)
+            out_idx[sel, :ki] = idx
+            out_feat[sel, :ki] = merged.to(feats.dtype)
         return Selection(indices=out_idx, features=out_feat)
+
+    def _zip(self, feats: torch.Tensor, metric: torch.Tensor, order: torch.Tensor, nv: int, ki: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images that share nv valid tokens and budget ki < nv: ([G, ki] kept indices ascending,
+        [G, ki, D] float32 features, merged at the contextual targets), with no per-image step."""
+        g, n = order.shape
+        device = feats.device
+        pos = torch.arange(n, device=device)
+        n_dom, n_ctx = split_budget(ki, self.contextual_ratio)
+        is_dom = torch.zeros(g, n, dtype=torch.bool, device=device).scatter(1, order[:, :n_dom], True)
+        keep = is_dom.clone()
+        kept = feats.float().clone()
+        if n_ctx > 0:
+            rest = ~is_dom & (pos < nv)
+            n_rest = nv - n_dom
+            rest_idx = torch.sort(torch.where(rest, pos, pos + n), dim=1).values[:, :n_rest]  # ascending
+            step = n_rest // n_ctx
+            slot = torch.arange(n_rest, device=device)
+            is_target = (slot % step == 0) & (slot // step < n_ctx)
+            targets, others = rest_idx[:, is_target], rest_idx[:, ~is_target]  # [G, C], [G, R - C]
+
+            def rows_of(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+            sim = rows_of(metric, others) @ rows_of(metric, targets).transpose(1, 2)  # [G, R - C, C]
+            group = sim.argmax(dim=2)  # first maximum: lower target index
+            sums = rows_of(kept, targets).scatter_add(1, group[..., None].expand(-1, -1, kept.shape[-1]),
+                                                      rows_of(kept, others))
+            counts = torch.ones(g, n_ctx, device=device).scatter_add(1, group, torch.ones(group.shape, device=device))
+            kept.scatter_(1, targets[..., None].expand(-1, -1, kept.shape[-1]), sums / counts[..., None])
+            keep.scatter_(1, targets, True)
+        idx = torch.sort(torch.where(keep, pos, pos + n), dim=1).values[:, :ki]
+        return idx, kept.gather(1, idx[..., None].expand(-1, -1, kept.shape[-1]))
