@@ -18,9 +18,10 @@ from vlmprune.scorers.cls_attention import (
 
 
 def _normalise(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """x restricted to the alive tokens and scaled to sum 1 over them (zero elsewhere)."""
+    """x [..., I, N] restricted to the alive tokens [I, N] and scaled to sum 1 over them along the
+    last dim (zero elsewhere)."""
     x = torch.where(alive, x, torch.zeros_like(x))
-    return x / x.sum(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return x / x.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @register
@@ -106,34 +107,48 @@ class FlowCutScorer(Scorer):
             raise ValueError(f"{self.name}: {name} of layer {layer} is missing; got layers {sorted(table)}")
         return table[layer].float()
 
+    def _stack(self, signals: Signals, span: tuple[int, ...], device) -> tuple[torch.Tensor, ...]:
+        """[L, I, N] float32 per-layer signals of the span: CLS attention, CLS-value attention (or
+        None) and value norms of the visual tokens (or None); gathered once, not per layer."""
+        a = torch.stack([attention(signals, layer, self.name) for layer in span]).to(device)
+        n = a.shape[2]
+        s = d = None
+        if self.semantic_weight > 0:
+            s = torch.stack([self._get(signals.cls_value_attn, "cls_value_attn", layer) for layer in span]).to(device)
+        if self.use_value_norm:
+            d = torch.stack([self._get(signals.value_norms, "value_norms", layer) for layer in span]).to(device)
+            d = d[..., d.shape[-1] - n :]
+        return a, s, d
+
     def select(self, signals: Signals, k: torch.Tensor) -> Selection:
         span = self._span(signals.info)
         end = span[-1]
-        first = attention(signals, span[0], self.name)
-        device, n = first.device, first.shape[1]
+        a_all, s_all, d_all = self._stack(signals, span, signals.n_valid.device)
+        device, n = a_all.device, a_all.shape[2]
         alive = valid_mask(signals.n_valid, n, device)
         ks = torch.tensor(budget(k, signals.n_valid, device), dtype=torch.long, device=device)
         pos = torch.arange(n, device=device)
+        # the alive set only changes at the cut layers, so each run of layers up to a cut is scored at once
+        cut_at = [j for j, layer in enumerate(span) if (end - layer) % self.prune_every == 0]
         flow = None
-        for layer in span:
-            a = attention(signals, layer, self.name).to(device)
-            score = self.attn_weight * _normalise(a, alive)
-            if self.semantic_weight > 0:
-                s = self._get(signals.cls_value_attn, "cls_value_attn", layer).to(device)
-                score = score + self.semantic_weight * _normalise(s, alive)
-            if self.use_value_norm:
-                d = self._get(signals.value_norms, "value_norms", layer).to(device)
-                score = score * d[:, d.shape[1] - n :]
-            flow = score if flow is None else self.momentum * flow + (1 - self.momentum) * score
-            rpl = end - layer
-            if rpl % self.prune_every:
-                continue
+        start = 0
+        for j in cut_at:
+            seg = slice(start, j + 1)
+            p = _normalise(a_all[seg], alive)  # [Ls, I, N]
+            score = self.attn_weight * p
+            if s_all is not None:
+                score = score + self.semantic_weight * _normalise(s_all[seg], alive)
+            if d_all is not None:
+                score = score * d_all[seg]
+            for row in score:
+                flow = row if flow is None else self.momentum * flow + (1 - self.momentum) * row
+            start = j + 1
+            rpl = end - span[j]
             n_alive = alive.sum(1)
             if rpl == 0:
                 n_keep = torch.minimum(ks, n_alive)
             else:
-                p = _normalise(a, alive)
-                entropy = -torch.special.xlogy(p, p).sum(1)
+                entropy = -torch.special.xlogy(p[-1], p[-1]).sum(1)
                 ratio = torch.where(n_alive > 1, entropy / n_alive.clamp_min(2).float().log(), torch.ones_like(entropy))
                 cut = torch.floor((n_alive - ks).clamp_min(0) / rpl**0.5 * (1 - ratio**2) + 0.5).long().clamp_min(0)
                 n_keep = torch.maximum(n_alive - cut, torch.minimum(ks, n_alive))
