@@ -99,11 +99,11 @@ def rank(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return order.gather(1, torch.sort(ok, dim=1, descending=True, stable=True).indices)
 
 
-def pack(keep: torch.Tensor) -> torch.Tensor:
-    """[I, N] bool mask -> [I, kmax] ascending indices, padded with -1."""
+def pack(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """[I, N] bool mask -> [I, width] ascending indices, padded with -1. `width` defaults to the
+    largest count (a host sync); pass it when every row's count is known."""
     n = keep.shape[1]
-    counts = keep.sum(1)
-    kmax = int(counts.max()) if keep.shape[0] else 0
+    kmax = width if width is not None else int(keep.sum(1).max()) if keep.shape[0] else 0
     pos = torch.arange(n, device=keep.device).expand_as(keep)
     idx = torch.sort(torch.where(keep, pos, n), dim=1).values[:, :kmax]
     return idx.masked_fill(idx == n, -1)

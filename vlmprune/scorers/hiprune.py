@@ -81,12 +81,12 @@ class HiPruneScorer(Scorer):
         valid = valid_mask(signals.n_valid, n, device)
         ks = budget(k, signals.n_valid, device)
         obj_order = rank(obj, valid).tolist()
-        full = [ki >= nv for ki, nv in zip(ks, signals.n_valid.tolist())]
+        n_valid = signals.n_valid.tolist()  # one host copy, not one sync per image
+        full = [ki >= nv for ki, nv in zip(ks, n_valid)]
         chosen_rows, rests = [], []  # anchors + buffers per image, picked on the host (a short, sequential walk)
-        for i, ki in enumerate(ks):
+        for i, (ki, nv) in enumerate(zip(ks, n_valid)):
             chosen: set[int] = set()
             if not full[i]:
-                nv = int(signals.n_valid[i])
                 m = min(ki, math.floor(self.alpha * ki + 0.5))
                 anchors = obj_order[i][: math.ceil(m / 5)]
                 chosen = set(anchors)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from vlmprune.kernels.select import gather_rows
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -13,6 +14,7 @@ from vlmprune.scorers.cls_attention import (
     budget,
     check_int,
     check_number,
+    pack,
     rank,
     resolve_layer,
     valid_mask,
@@ -127,29 +129,23 @@ class VisionZipScorer(Scorer):
         [G, ki, D] float32 features, merged at the contextual targets), with no per-image step."""
         g, n = order.shape
         device = feats.device
-        pos = torch.arange(n, device=device)
         n_dom, n_ctx = split_budget(ki, self.contextual_ratio)
         is_dom = torch.zeros(g, n, dtype=torch.bool, device=device).scatter(1, order[:, :n_dom], True)
         keep = is_dom.clone()
         kept = feats.float().clone()
         if n_ctx > 0:
-            rest = ~is_dom & (pos < nv)
             n_rest = nv - n_dom
-            rest_idx = torch.sort(torch.where(rest, pos, pos + n), dim=1).values[:, :n_rest]  # ascending
+            rest_idx = pack(~is_dom & (torch.arange(n, device=device) < nv), n_rest)  # [G, R] ascending
             step = n_rest // n_ctx
             slot = torch.arange(n_rest, device=device)
             is_target = (slot % step == 0) & (slot // step < n_ctx)
             targets, others = rest_idx[:, is_target], rest_idx[:, ~is_target]  # [G, C], [G, R - C]
-
-            def rows_of(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-            sim = rows_of(metric, others) @ rows_of(metric, targets).transpose(1, 2)  # [G, R - C, C]
+            sim = gather_rows(metric, others) @ gather_rows(metric, targets).transpose(1, 2)  # [G, R - C, C]
             group = sim.argmax(dim=2)  # first maximum: lower target index
-            sums = rows_of(kept, targets).scatter_add(1, group[..., None].expand(-1, -1, kept.shape[-1]),
-                                                      rows_of(kept, others))
+            sums = gather_rows(kept, targets).scatter_add(1, group[..., None].expand(-1, -1, kept.shape[-1]),
+                                                          gather_rows(kept, others))
             counts = torch.ones(g, n_ctx, device=device).scatter_add(1, group, torch.ones(group.shape, device=device))
             kept.scatter_(1, targets[..., None].expand(-1, -1, kept.shape[-1]), sums / counts[..., None])
             keep.scatter_(1, targets, True)
-        idx = torch.sort(torch.where(keep, pos, pos + n), dim=1).values[:, :ki]
-        return idx, kept.gather(1, idx[..., None].expand(-1, -1, kept.shape[-1]))
+        idx = pack(keep, ki)
+        return idx, gather_rows(kept, idx)
