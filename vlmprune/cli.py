@@ -155,8 +155,9 @@ def sweep(
         raise ValueError("give --keep or --prune-ratio, not both")
     keeps = parse_list(keep, "--keep", int) if ratios is None else None
     spec = SweepSpec(model=model, methods=method_list, keeps=keeps or ([576, 192, 128, 64] if ratios is None else None),
-                     ratios=ratios, data=data if data is not None else default_data(model), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     out=str(out), device=device, dtype=dtype, attn=attn, overlays=overlays)
+                     ratios=ratios, data=data if data is not None else default_data(model), limit=limit,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, out=str(out), device=device, dtype=dtype,
+                     attn=attn, overlays=overlays)
     with Progress(console=console) as progress:
         results = run_sweep(spec, progress=progress)
     rows = summary_rows(results)

@@ -302,7 +302,10 @@ def shapes_task(directory: str | None, limit: int | None) -> ItemsTask:
     """The embedded synthetic benchmark (`vlmprune.eval.shapes`): a saved split, or test-split items."""
     from vlmprune.eval import shapes
 
-    objs = shapes.load_split(directory) if directory else [shapes.make_item(s) for s in shapes.split_seeds("test", limit or SHAPES_DEFAULT_LIMIT)]
+    if directory:
+        objs = shapes.load_split(directory)
+    else:
+        objs = [shapes.make_item(s) for s in shapes.split_seeds("test", limit or SHAPES_DEFAULT_LIMIT)]
     objs = list(objs)[:limit] if limit is not None else list(objs)
     items = [Item(str(getattr(o, "id", i)), o.image, o.question, o.answer) for i, o in enumerate(objs)]
     return ItemsTask("shapes", items, shapes.score)
@@ -616,7 +619,7 @@ def write_overlays(vlm: VLM, task: Task, cells: list[Cell], n: int, path: Path) 
     """The kept patches of every method on the first `n` items that decode, at the sweep's
     smallest budget (`visualise.overlay_grid`)."""
     smallest = min(cells, key=lambda c: c.kept(vlm.n_visual))
-    loaded = [lo for lo in load_items(task.items()[:n + 8]) if lo.image is not None][:n]
+    loaded = [lo for lo in load_items(task.items()[:n + 8]) if lo.image is not None][:n]  # a few spares for bad images
     overlay_grid(vlm, [lo.image for lo in loaded], [lo.item.prompt for lo in loaded],
                  list(dict.fromkeys(c.method for c in cells)), path, **smallest.patch_kwargs())
 

@@ -114,7 +114,8 @@ def overlay_grid(vlm: Any, images: list[Image.Image], prompts: list[str], method
     rows = []
     for image, prompt in zip(images, prompts):
         view = vlm.view(vlm.inputs([image], [prompt])["pixel_values"][0])
-        tiles = [("image", view.resize((view.width * display_scale(view.size),) * 2, Image.NEAREST))]
+        scale = display_scale(view.size)
+        tiles = [("image", view.resize((view.width * scale, view.height * scale), Image.NEAREST))]
         tiles += [(m, kept_overlay(vlm, image, m, prompt, **patch_kwargs)[0]) for m in methods]
         rows.append(tiles)
     side = rows[0][0][1].width
