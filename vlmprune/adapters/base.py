@@ -21,6 +21,9 @@ from vlmprune.kernels.assemble import assemble_ref
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals
 
 STATE_ATTR = "_vlmprune_state"
+CACHE_NAMES = ("cache", "past_key_values")
+"""What the KV cache is called in forward kwargs and outputs: `cache` from transformers 5.24,
+`past_key_values` before (5.24 still accepts the old name)."""
 SIGNAL_NAMES = ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden")
 _MISSING = object()
 
@@ -35,6 +38,20 @@ class DecodeState:
     mask: torch.Tensor | None
     removed: torch.Tensor
     positions: str
+
+
+def find_cache(inputs: dict[str, Any]) -> Any:
+    """The KV cache among a forward's kwargs (None if it was given none)."""
+    return next((inputs[name] for name in CACHE_NAMES if inputs.get(name) is not None), None)
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (None if it returned none)."""
+    for name in CACHE_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
 
 
 def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +210,7 @@ class Adapter:
                 )
 
     def forward(self, orig: Callable, inputs: dict[str, Any]):
-        cache = inputs.get("past_key_values")
+        cache = find_cache(inputs)
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         if self.has_visual_input(inputs):
             if cache is not None and cache.get_seq_length() > 0:
@@ -252,7 +269,7 @@ class Adapter:
         if inputs.get("labels") is not None:
             rest["labels"] = out.labels
         result = orig(**rest)
-        cache = getattr(result, "past_key_values", None)
+        cache = output_cache(result)
         if cache is not None:
             setattr(
                 cache,
@@ -294,7 +311,7 @@ class Adapter:
     def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
         """Map a decode step's unpruned-length mask and positions onto the pruned cache."""
         inputs = dict(inputs)
-        cache = inputs["past_key_values"]
+        cache = find_cache(inputs)
         past = cache.get_seq_length()
         ids = inputs.get("input_ids")
         q = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]

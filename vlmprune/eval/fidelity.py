@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 import vlmprune
+from vlmprune.adapters.base import output_cache
 
 
 @dataclass
@@ -73,7 +74,7 @@ def first_forward(model: torch.nn.Module, clock: Clock) -> Iterator[dict[str, An
     def after(module, args, kwargs, output):
         if seen["forwards"] == 0:
             seen["end"] = clock.mark()
-            cache = getattr(output, "past_key_values", None)
+            cache = output_cache(output)
             seen["prefill_len"] = int(cache.get_seq_length()) if cache is not None else 0
             seen["kv_bytes"] = cache_bytes(cache)
         seen["forwards"] += 1
