@@ -137,6 +137,21 @@ def test_quick_run_writes_the_artifacts(trained, family):
     assert dtypes == {"F16"}
 
 
+def test_continued_run_starts_from_the_saved_model(trained, family, tmp_path):
+    """`--init DIR` skips stage 1 and trains the saved weights: with a zero learning rate the
+    continued run saves exactly the weights it started from."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "continued"
+    assert train_tiny.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", family,
+                            "--init", str(trained), "--pool-start", "1000", "--lr", "0"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["args"]["init"] == str(trained) and log["times"]["stage1_steps"] == 0
+    assert not any(r["stage"] == 1 for r in log["train"])
+    before, after = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_reloaded_config_is_llava15_shaped(artifacts):
     model, _ = artifacts("llava")[1]
     cfg = model.config
@@ -339,6 +354,30 @@ def test_attention_probe_row_equals_eager_attention(loaded, family):
     finally:
         handle.remove()
     torch.testing.assert_close(row, eager.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_cached_frozen_features_give_the_visual_tokens(loaded, family):
+    """Stage 2 with the tower frozen reads each item's `frozen_features` from a `FeatureCache`: the
+    projection of the cached features is `vision(frozen=True)`'s tokens exactly, and each item's
+    features are computed once however often batches draw it."""
+    _, processor = loaded
+    fam = train_tiny.get_family(family)
+    model = random_model(family, processor)
+    pixels = fam.pixel_transform(processor)
+    images = uint8_images(items_of("val", 4))
+    calls = []
+
+    def compute(rows):
+        calls.append(rows.tolist())
+        return fam.frozen_features(model, pixels(images[rows]))
+
+    cache = train_tiny.FeatureCache(len(images), compute, torch.device("cpu"), chunk=2)
+    with torch.no_grad():
+        expected = fam.vision(model, pixels(images), frozen=True).tokens
+        first = fam.project(model, cache.get(torch.tensor([3, 1, 3])))
+        second = fam.project(model, cache.get(torch.tensor([0, 1, 2, 3, 2])))
+    assert torch.equal(first, expected[[3, 1, 3]]) and torch.equal(second, expected[[0, 1, 2, 3, 2]])
+    assert calls == [[1, 3], [0, 2]] and cache.computed == 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -339,8 +339,17 @@ class Qwen2VLFamily(Family):
         images = pixel_values.shape[0] // N_PATCHES
         with torch.no_grad() if frozen else contextlib.nullcontext():
             patches = tower_forward(visual, pixel_values, images)
-        merged = visual.merger(patches.reshape(images * N_PATCHES, -1)).view(images, N_VISUAL, -1)
-        return VisionOut(merged, patches)
+        return VisionOut(self.project(model, patches), patches)
+
+    @torch.no_grad()
+    def frozen_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The last block's patch tokens [B, 576, embed_dim] (merge-window order)."""
+        return tower_forward(model.model.visual, pixel_values, pixel_values.shape[0] // N_PATCHES)
+
+    def project(self, model, features: torch.Tensor) -> torch.Tensor:
+        """The merger: 2 x 2 patches -> one of the 144 visual tokens."""
+        images = features.shape[0]
+        return model.model.visual.merger(features.reshape(images * N_PATCHES, -1)).view(images, N_VISUAL, -1)
 
     def scene_loss(self, objective: nn.Module, out: VisionOut, cls: torch.Tensor,
                    dense: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
