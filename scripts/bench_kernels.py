@@ -8,7 +8,10 @@ inputs (indices bit for bit, gathered rows equal), then times with `triton.testi
   `torch.topk` + `sort` + `gather` (uniform k, no ragged handling or tie rule: a speed floor);
 * maxmin_select: `maxmin_select_triton` vs `maxmin_select_ref` (running min) vs
   `maxmin_naive_ref` (re-min over all picks at every step), DivPrune (no seed) and k-center
-  (seeded) variants.
+  (seeded) variants;
+* flowcut_select: `flowcut_select_triton` (one launch for all layers and cuts) vs
+  `flowcut_select_ref` (torch ops, one batch of them per cut), FlowCut's default span at
+  CLIP-L shapes (22 layers, a cut every 2).
 
 Shapes: LLaVA-1.5 (N=576 tokens, D=4096, k=64, batch 1 and 8, bf16 features) and any-res
 (N=2880). Prints a markdown table and writes JSON to --out.
@@ -29,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vlmprune.kernels.flow import flowcut_select_ref  # noqa: E402
 from vlmprune.kernels.maxmin import maxmin_naive_ref, maxmin_select_ref  # noqa: E402
 from vlmprune.kernels.select import select_tokens_ref  # noqa: E402
 
@@ -43,6 +47,11 @@ MAXMIN_SHAPES = [  # (batch, N, D, k)
     (8, 576, 4096, 64),
     (1, 2880, 4096, 64),
     (8, 2880, 4096, 288),
+]
+
+FLOW_SHAPES = [  # (batch, layers, N, k)
+    (1, 22, 576, 64),
+    (8, 22, 576, 64),
 ]
 
 
@@ -111,6 +120,30 @@ def check_maxmin(maxmin_select_triton, b, n, d, k, gen, dev, naive: bool) -> dic
     return {"cases": cases, "ok": True}
 
 
+def flow_inputs(b, layers, n, k, gen, dev, nan: bool = False):
+    """FlowCut's inputs: skewed attention rows, semantic rows, value norms; budgets on the host
+    (as the scorer passes them); a cut every 2 layers counted back from the last."""
+    attn = torch.rand(layers, b, n, generator=gen, device=dev) ** 4
+    if nan:
+        attn[0, 0, 3] = float("nan")
+    sem = torch.rand(layers, b, n, generator=gen, device=dev)
+    dens = torch.rand(layers, b, n, generator=gen, device=dev) * 3
+    kk = torch.full((b,), k)
+    valid = torch.full((b,), n)
+    if b > 1:
+        valid[1] = n // 2
+    rpl = [layers - 1 - j if (layers - 1 - j) % 2 == 0 else None for j in range(layers)]
+    return attn, sem, dens, kk, valid, rpl
+
+
+def check_flow(flowcut_select_triton, b, layers, n, k, gen, dev) -> dict:
+    for nan in (False, True):
+        args = flow_inputs(b, layers, n, k, gen, dev, nan)
+        if not torch.equal(flowcut_select_triton(*args), flowcut_select_ref(*args)):
+            raise SystemExit(f"flowcut_select mismatch at shape {(b, layers, n, k)} nan={nan}")
+    return {"cases": 2, "ok": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="path of the JSON results")
@@ -122,6 +155,7 @@ def main() -> None:
         raise SystemExit("bench_kernels.py needs a CUDA device")
     import triton
 
+    from vlmprune.kernels.flow_triton import flowcut_select_triton
     from vlmprune.kernels.maxmin_triton import maxmin_select_triton
     from vlmprune.kernels.select_triton import select_tokens_triton
 
@@ -172,10 +206,21 @@ def main() -> None:
             print(f"maxmin {variant} B={b} N={n} D={d} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items())
                   + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
 
+    for b, layers, n, k in FLOW_SHAPES[:1] if args.quick else FLOW_SHAPES:
+        check = check_flow(flowcut_select_triton, b, layers, n, k, gen, dev)
+        fargs = flow_inputs(b, layers, n, k, gen, dev)
+        times = {
+            "triton": bench(lambda: flowcut_select_triton(*fargs), args.warmup, args.rep),
+            "ref": bench(lambda: flowcut_select_ref(*fargs), args.warmup, args.rep),
+        }
+        results.append({"kernel": "flowcut_select", "batch": b, "N": n, "D": layers, "k": k, "dtype": "fp32",
+                        "check": check, "ms": times})
+        print(f"flowcut B={b} L={layers} N={n} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
+
     lines = [
         f"GPU: {env['gpu']}, torch {env['torch']}, triton {env['triton']}; median ms (triton.testing.do_bench)",
         "",
-        "| kernel | B | N | D | k | triton | ref | baseline | ref / triton | baseline / triton |",
+        "| kernel | B | N | D (flowcut: layers) | k | triton | ref | baseline | ref / triton | baseline / triton |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -24,18 +25,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def once(fn) -> float:
+    """Milliseconds of one fn() with device sync."""
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def timed(fn, repeats: int, warmup: int = 3) -> float:
     """Median milliseconds of fn() with device sync."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median([once(fn) for _ in range(repeats)])
 
 
 def main() -> None:
@@ -54,27 +61,42 @@ def main() -> None:
     with dev:
         model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
     rows = []
+    print("| method | batch | encoder ms | hooks ms | score + select ms | overhead ms | kernels == torch refs |")
+    print("|---|---|---|---|---|---|---|")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         pv = torch.randn(b, 3, 336, 336, device=dev, dtype=dtype)
         enc = lambda: model.model.get_image_features(pixel_values=pv, return_dict=True)  # noqa: E731
         with torch.no_grad():
             for method in args.methods.split(","):
-                plain = timed(enc, args.repeats)  # paired with each method: clocks drift between methods
-                vlmprune.patch(model, method=method, keep=args.keep)
+                # the plain and the hooked encoder alternate, so that clock and load drift hit both alike
+                plain, hooked = [], []
+                for r in range(args.repeats + 3):
+                    vlmprune.unpatch(model)
+                    t_plain = once(enc)
+                    vlmprune.patch(model, method=method, keep=args.keep)
+                    t_hooked = once(enc)
+                    if r >= 3:
+                        plain.append(t_plain)
+                        hooked.append(t_hooked)
                 adapter = model._vlmprune_adapter
-                hooked = timed(enc, args.repeats)
                 feats = list(enc().pooler_output)
-                k = torch.full((b,), args.keep, device=dev)
+                k = torch.full((b,), args.keep)  # on the host, as the adapter passes it
 
                 def score():
                     signals = adapter.signals_for(feats)
                     return run_scorer(adapter.stage.scorer, signals, signals.features, k)
 
                 select = timed(score, args.repeats)
+                idx = score()[0]
+                prev = os.environ.get("VLMPRUNE_KERNELS")
+                os.environ["VLMPRUNE_KERNELS"] = "torch"  # the torch references must keep the same tokens
+                agree = bool(torch.equal(score()[0], idx))
+                os.environ.pop("VLMPRUNE_KERNELS") if prev is None else os.environ.update(VLMPRUNE_KERNELS=prev)
                 vlmprune.unpatch(model)
-                rows.append(dict(method=method, batch=b, keep=args.keep, encode_ms=plain, hooks_ms=hooked - plain,
-                                 score_select_ms=select, overhead_ms=hooked - plain + select))
-                print(f"| {method} | {b} | {plain:.2f} | {hooked - plain:+.2f} | {select:.2f} | {hooked - plain + select:.2f} |",
+                p, h = median(plain), median(hooked)
+                rows.append(dict(method=method, batch=b, keep=args.keep, encode_ms=p, hooks_ms=h - p,
+                                 score_select_ms=select, overhead_ms=h - p + select, kernels_agree_with_torch=agree))
+                print(f"| {method} | {b} | {p:.2f} | {h - p:+.2f} | {select:.2f} | {h - p + select:.2f} | {agree} |",
                       flush=True)
     json.dump(dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__, rows=rows), open(args.out, "w"), indent=1)
 

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from tests.circle import circle  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from vlmprune.kernels import flow as fl  # noqa: E402
 from vlmprune.kernels import maxmin as mm  # noqa: E402
 from vlmprune.kernels import maxmin_naive_ref, maxmin_select, maxmin_select_ref, select_tokens, select_tokens_ref  # noqa: E402
 
@@ -58,13 +59,14 @@ def _interpreted(name: str):
 
 st = _interpreted("vlmprune.kernels.select_triton") if INTERPRETED else None
 mt = _interpreted("vlmprune.kernels.maxmin_triton") if INTERPRETED else None
+ft = _interpreted("vlmprune.kernels.flow_triton") if INTERPRETED else None
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the Triton tests run in this process")
 def test_interpreter_checks_in_fresh_process():
     """This file's Triton tests and test_diversity.py's, in a fresh TRITON_INTERPRET=1 process."""
     here = Path(__file__).resolve()
-    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=35)
+    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=44)
 
 
 @pytest.fixture
@@ -76,6 +78,7 @@ def no_fallback(monkeypatch):
 
     monkeypatch.setattr(st, "select_tokens_ref", boom)
     monkeypatch.setattr(mt, "maxmin_select_ref", boom)
+    monkeypatch.setattr(ft, "flowcut_select_ref", boom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,3 +418,51 @@ def test_maxmin_triton_long_row(no_fallback):
 def test_maxmin_dispatcher_triton(monkeypatch):
     args = maxmin_case(3)
     check_dispatcher(monkeypatch, mt, "maxmin_select_triton", maxmin_select, args, maxmin_select_ref(*args))
+
+
+# ---------------------------------------------------------------------------------------------
+# flowcut_select
+
+
+def flow_case(seed: int):
+    """Per-layer signals of a ragged batch (one image with no valid token, one with fewer than k),
+    skewed like attention; cut patterns of prune_every 1 / 2 / 3; optional terms; a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers, b, n = 3 + seed % 5, 4, [7, 40, 300][seed % 3]
+    attn = torch.rand(n_layers, b, n, generator=g) ** 4
+    sem = torch.rand(n_layers, b, n, generator=g) if seed % 4 != 1 else None
+    dens = torch.rand(n_layers, b, n, generator=g) * 3 if seed % 4 != 2 else None
+    if seed % 2:
+        attn[0, 0, 1] = float("nan")
+    valid = torch.tensor([n, n // 2 + 1, 0, n])
+    k = torch.tensor([1, n, 2, max(1, n // 5)])
+    every = 1 + seed % 3
+    rpl = [n_layers - 1 - j if (n_layers - 1 - j) % every == 0 else None for j in range(n_layers)]
+    weights = (1.0, 1.0, 0.5) if seed % 3 else (0.7, 1.9, 0.3)
+    return (attn, sem, dens, k, valid, rpl, *weights)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(8))
+def test_flowcut_triton_matches_ref(seed, no_fallback):
+    case = flow_case(seed)
+    got = ft.flowcut_select_triton(*case)
+    exp = fl.flowcut_select_ref(*case)
+    assert torch.equal(got, exp), (got, exp)
+    k, valid = case[3], case[4]
+    assert [int((r >= 0).sum()) for r in got] == torch.minimum(k, valid).tolist()
+
+
+@interpreted
+def test_flowcut_dispatcher_triton(monkeypatch):
+    case = flow_case(2)
+    check_dispatcher(monkeypatch, ft, "flowcut_select_triton", fl.flowcut_select, case, fl.flowcut_select_ref(*case))
+
+
+def test_flowcut_ref_errors():
+    attn = torch.rand(3, 2, 5)
+    k, valid = torch.tensor([1, 2]), torch.tensor([5, 5])
+    with pytest.raises(ValueError, match="rpl"):
+        fl.flowcut_select_ref(attn, None, None, k, valid, [None, 1, None])
+    with pytest.raises(ValueError, match="sem"):
+        fl.flowcut_select_ref(attn, torch.rand(3, 2, 4), None, k, valid, [None, None, 0])

@@ -58,10 +58,12 @@ def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.T
     """Kept indices [I, kmax] and the features to place there [I, kmax, D].
 
     Score-only scorers go through the fused top-k + gather kernel; scorers with their own
-    `select` return indices (and, when merging, new features)."""
+    `select` return indices (and, when merging, new features). `k` may live on the host (the
+    adapter keeps it there): the kernels then size their outputs without a device sync."""
     if type(scorer).select is Scorer.select:
         scores = scorer.score(signals).float()
-        return select_tokens(scores, feats, k, signals.n_valid)
+        valid = signals.n_valid if signals.counts is None else torch.tensor(signals.counts)
+        return select_tokens(scores, feats, k, valid)
     sel = scorer.select(signals, k)
     out = sel.features if sel.features is not None else gather_rows(feats, sel.indices)
     return sel.indices, out
@@ -75,6 +77,14 @@ def stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(rows)
     width = max(r.shape[0] for r in rows)
     return torch.stack([nn.functional.pad(r, (0, 0) * (r.ndim - 1) + (0, width - r.shape[0])) for r in rows])
+
+
+@dataclass
+class Recorded:
+    """The signals of one encoder call: name -> layer -> [images, ...], a row per image in order."""
+
+    tables: dict[str, dict[int, torch.Tensor]]
+    size: int
 
 
 class Adapter:
@@ -96,7 +106,7 @@ class Adapter:
         self.request = self.stage.scorer.needs(self.info) if self.stage else Request()
         self.check_request(self.request)
         self.last: list[list[torch.Tensor]] | None = None
-        self._signals: dict[int, tuple[weakref.ref, dict[str, dict[int, torch.Tensor]]]] = {}
+        self._signals: dict[int, tuple[weakref.ref, Recorded, int]] = {}  # id(features) -> (ref, batch, row)
         self._saved_encoder: Any = None
         for stage in config.stages:
             if stage.where != "vision":
@@ -119,7 +129,8 @@ class Adapter:
 
     def collecting(self, inputs: dict[str, Any]):
         """Context manager around the encoder call; yields a function that takes the encoder's
-        output and returns one signal dict per image (name -> layer -> tensor)."""
+        output and returns its signals batched (name -> layer -> [images, ...], rows in the order
+        of the output's images)."""
         raise NotImplementedError
 
     def encode_images(self, inputs: dict[str, Any]) -> Any:
@@ -156,39 +167,50 @@ class Adapter:
         self._saved_encoder = None
         self._signals.clear()
 
-    def record(self, feats: list[torch.Tensor], per_image: list[dict[str, dict[int, torch.Tensor]]]) -> None:
-        """Remember each image's signals under its feature tensor (generate() may repeat the
-        same tensors for beams / return sequences, so identity is the key)."""
+    def record(self, feats: list[torch.Tensor], tables: dict[str, dict[int, torch.Tensor]]) -> None:
+        """Remember the signals of an encoder call under each image's feature tensor (generate()
+        may repeat the same tensors for beams / return sequences, so identity is the key)."""
         self._signals = {k: v for k, v in self._signals.items() if v[0]() is not None}
-        for f, sig in zip(feats, per_image):
-            self._signals[id(f)] = (weakref.ref(f), sig)
+        batch = Recorded(tables, len(feats))
+        for row, f in enumerate(feats):
+            self._signals[id(f)] = (weakref.ref(f), batch, row)
 
     def signals_for(self, feats: list[torch.Tensor]) -> Signals:
-        """Stack the recorded signals of these images into one padded `Signals`."""
+        """The recorded signals of these images as one padded `Signals`: the encoder call's own
+        batched tensors when `feats` are its images in order (the prefill's case: no copy),
+        else their rows stacked."""
         padded = stack_padded(feats)
         n = padded.shape[1]
+        counts = tuple(int(f.shape[0]) for f in feats)
         signals = Signals(
-            n_valid=torch.tensor([f.shape[0] for f in feats], device=padded.device),
+            n_valid=torch.tensor(counts, device=padded.device),
             grid=self.info.grid if self.info.grid[0] * self.info.grid[1] == n else (1, n),
             info=self.info,
             features=padded,
+            counts=counts,
         )
         wanted = [name for name in SIGNAL_NAMES if getattr(self.request, name)]
         if not wanted:
             return signals
         found = []
         for f in feats:
-            ref, sig = self._signals.get(id(f), (None, None))
+            ref, batch, row = self._signals.get(id(f), (None, None, None))
             if ref is None or ref() is not f:
                 raise ValueError(
                     f"vlmprune: method {self.stage.method!r} needs {wanted}, collected while the image is encoded; "
                     f"these image features were computed before the model was patched. Pass pixel_values "
                     f"(or encode with the patched model)"
                 )
-            found.append(sig)
+            found.append((batch, row))
+        whole = found[0][0]
+        in_order = len(found) == whole.size and all(b is whole and r == i for i, (b, r) in enumerate(found))
         for name in wanted:
             for layer in getattr(self.request, name):
-                getattr(signals, name)[layer] = stack_padded([sig[name][layer] for sig in found])
+                table = getattr(signals, name)
+                if in_order:
+                    table[layer] = whole.tables[name][layer]
+                else:
+                    table[layer] = stack_padded([b.tables[name][layer][r] for b, r in found])
         return signals
 
     # --- shared -------------------------------------------------------------------------
@@ -247,7 +269,7 @@ class Adapter:
             return orig(**rest, mm_encoder_outputs={"image": encoded})
 
         signals = self.signals_for(feats)
-        k = torch.tensor(kept, device=signals.features.device)
+        k = torch.tensor(kept)  # on the host: the kernels read budgets without a device sync
         idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
         keep_visual, chosen = self.keep_mask(idx, per_image, is_visual.device)
         self.last = self.split_by_row(is_visual, per_image, chosen)

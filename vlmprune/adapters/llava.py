@@ -78,7 +78,7 @@ class LlavaAdapter(Adapter):
     def collecting(self, inputs: dict[str, Any]):
         off = self.cls_offset(inputs)
         with collect(vit_layers(self.vision_tower), self.request) as got:
-            yield lambda out: per_image_signals(got, off, len(out.pooler_output))
+            yield lambda out: visual_rows(got, off)
 
     def encode_images(self, inputs: dict[str, Any]) -> Any:
         mm = inputs.get("mm_encoder_outputs") or {}
@@ -93,9 +93,9 @@ class LlavaAdapter(Adapter):
         )
 
 
-def per_image_signals(got: Collected, offset: int, images: int) -> list[dict[str, dict[int, torch.Tensor]]]:
-    """Split batched encoder signals per image; attention rows cover the visual tokens only."""
-    rows = {
+def visual_rows(got: Collected, offset: int) -> dict[str, dict[int, torch.Tensor]]:
+    """The batched encoder signals by name; attention rows cover the visual tokens only."""
+    return {
         "cls_attn": {l: a[:, offset:] for l, a in got.cls_attn.items()},
         "cls_value_attn": {l: a[:, offset:] for l, a in got.cls_value_attn.items()},
         "received_attn": {l: a[:, offset:] for l, a in got.received_attn.items()},
@@ -103,4 +103,3 @@ def per_image_signals(got: Collected, offset: int, images: int) -> list[dict[str
         "value_norms": got.value_norms,
         "vision_hidden": got.vision_hidden,
     }
-    return [{name: {l: t[i] for l, t in table.items()} for name, table in rows.items()} for i in range(images)]

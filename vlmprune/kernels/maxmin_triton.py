@@ -102,7 +102,7 @@ def _greedy_kernel(
     else:
         rm = tl.load(rowmin_ptr + b * n + offs, mask=live, other=float("-inf"))
         p = tl.argmax(rm, axis=0, tie_break_left=True).to(tl.int32)
-    p = tl.minimum(p, vb - 1)  # only matters for k = 0 rows (valid = 0): keeps the load in bounds
+    p = tl.minimum(p, vb - 1)  # k = 0 rows (valid = 0), or an unchecked device `first`: keep it in bounds
     p = tl.maximum(p, 0)
 
     if kb > 0:
@@ -143,8 +143,11 @@ def _warps(block: int) -> int:
 
 
 def _host_values(k: torch.Tensor | int, valid, first, b: int, n: int):
-    """k, valid and first as Python lists, with one device-to-host transfer for those on the GPU,
-    validated like the reference's `_prepare` (same errors)."""
+    """k (as a tensor) and k clipped to valid as a Python list, validated like the reference's
+    `_prepare` (same errors). k and valid are read with at most one device-to-host transfer (none
+    when both are on the host, as the scorers pass them); `first` is checked only when it is on
+    the host: a device-resident `first` (a scorer's own argmax) is trusted, and the kernel clamps
+    it into the valid range instead of waiting for the device."""
     if isinstance(k, int) and not isinstance(k, bool):
         k = torch.full((b,), k, dtype=torch.long)
     if not isinstance(k, torch.Tensor):
@@ -152,25 +155,20 @@ def _host_values(k: torch.Tensor | int, valid, first, b: int, n: int):
     for name, t in (("k", k), ("valid", valid), ("first", first)):
         if t is not None and t.shape != (b,):
             raise ValueError(f"{name} must be [B] = [{b}], got shape {tuple(t.shape)}")
-    given = [t for t in (k, valid, first) if t is not None]
-    on_gpu = [t for t in given if t.device.type != "cpu"]
-    if len(on_gpu) > 1 and all(t.device == on_gpu[0].device for t in on_gpu):
-        rows = iter(torch.stack([t.to(torch.long) for t in on_gpu]).tolist())
-        lists = [next(rows) if t.device.type != "cpu" else t.tolist() for t in given]
+    if valid is not None and k.device == valid.device and k.device.type != "cpu":
+        k_h, valid_h = torch.stack([k.to(torch.long), valid.to(torch.long)]).tolist()
     else:
-        lists = [t.tolist() for t in given]
-    it = iter(lists)
-    k_h = next(it)
-    valid_h = next(it) if valid is not None else [n] * b
-    first_h = next(it) if first is not None else None
+        k_h, valid_h = k.tolist(), valid.tolist() if valid is not None else [n] * b
     if min(k_h, default=0) < 0:
         raise ValueError(f"k must be >= 0, got {k_h}")
     valid_h = [max(0, min(v, n)) for v in valid_h]
     k_h = [min(a, v) for a, v in zip(k_h, valid_h)]
-    if first_h is not None and any(a > 0 and not 0 <= f < v for a, f, v in zip(k_h, first_h, valid_h)):
-        raise ValueError(
-            f"first must index a valid token (0 <= first < valid), got first={first_h} with valid={valid_h}"
-        )
+    if first is not None and first.device.type == "cpu":
+        first_h = first.tolist()
+        if any(a > 0 and not 0 <= f < v for a, f, v in zip(k_h, first_h, valid_h)):
+            raise ValueError(
+                f"first must index a valid token (0 <= first < valid), got first={first_h} with valid={valid_h}"
+            )
     return k, k_h
 
 

@@ -35,6 +35,25 @@ def gather_rows(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out.masked_fill((idx < 0).unsqueeze(-1), 0)
 
 
+def rank(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per row, all N token indices ordered: allowed tokens first by descending score (ties to
+    the lower index, NaN lowest), then the disallowed ones. [I, N] long."""
+    s = scores.float().nan_to_num(nan=float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    ok = allowed.gather(1, order).to(torch.int8)
+    return order.gather(1, torch.sort(ok, dim=1, descending=True, stable=True).indices)
+
+
+def pack(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """[I, N] bool mask -> [I, width] ascending indices, padded with -1. `width` defaults to the
+    largest count (a host sync); pass it when every row's count is known."""
+    n = keep.shape[1]
+    kmax = width if width is not None else int(keep.sum(1).max()) if keep.shape[0] else 0
+    pos = torch.arange(n, device=keep.device).expand_as(keep)
+    idx = torch.sort(torch.where(keep, pos, n), dim=1).values[:, :kmax]
+    return idx.masked_fill(idx == n, -1)
+
+
 def select_tokens_ref(
     scores: torch.Tensor,
     feats: torch.Tensor | None,

@@ -9,7 +9,8 @@ rows. Two kernels:
   largest key T is found by a bitwise radix select: starting from the most significant bit,
   keep bit i set in T when at least k keys are >= the candidate. No sort. Then a prefix-sum
   compaction keeps every key > T plus the (k - #{key > T}) lowest-index keys == T, and writes
-  their positions in ascending order; slots k..kmax-1 get -1.
+  their positions in ascending order; slots k..kmax-1 get -1. The key map and the selection
+  (`order_keys`, `top_mask`) are `@triton.jit` helpers the FlowCut kernel shares.
 * `_gather_kernel`, one program per (output row, block of D): copies feats[b, idx[b, j]] or writes
   zeros for padding. Feature dtype is kept (a bitwise copy).
 
@@ -42,6 +43,45 @@ def row_budget(k_ptr, valid_ptr, row, n, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
+def order_keys(x, live, BLOCK_N: tl.constexpr):
+    """float32 [BLOCK_N] -> uint32 keys that compare as the values do (NaN read as -inf, -0.0 as
+    +0.0); entries that are not `live` get 0, below every live key."""
+    u = x.to(tl.uint32, bitcast=True)
+    sign = tl.full([BLOCK_N], 0x80000000, tl.uint32)
+    nan_as = tl.full([BLOCK_N], 0xFF800000, tl.uint32)  # -inf
+    zero = tl.full([BLOCK_N], 0, tl.uint32)
+    absmask = tl.full([BLOCK_N], 0x7FFFFFFF, tl.uint32)
+    expmask = tl.full([BLOCK_N], 0x7F800000, tl.uint32)
+    ones = tl.full([BLOCK_N], 0xFFFFFFFF, tl.uint32)  # u ^ ones, not ~u: Triton 3.8's interpreter fails on ~uint32
+    u = tl.where((u & absmask) > expmask, nan_as, u)  # NaN -> -inf
+    u = tl.where(u == sign, zero, u)  # -0.0 -> +0.0
+    # order-preserving map: negatives flip all bits, non-negatives set the sign bit
+    key = tl.where((u & sign) != zero, u ^ ones, u | sign)
+    return tl.where(live, key, zero)
+
+
+@triton.jit
+def top_mask(key, live, kb, BLOCK_N: tl.constexpr):
+    """The kb live entries with the largest keys, ties to the lower index: a bitwise radix select
+    of the kb-th largest key T (from the top bit: keep a bit of T set when at least kb keys are
+    >= the candidate; no sort), then every key > T and the lowest-index keys == T."""
+    thr = tl.full([1], 0, tl.uint32)
+    bit = tl.full([1], 0x80000000, tl.uint32)
+    for _ in range(32):
+        cand = thr | bit
+        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+        thr = tl.where(cnt >= kb, cand, thr)
+        bit = bit >> 1
+    t = tl.broadcast_to(thr, [BLOCK_N])
+    above = live & (key > t)
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    equal = live & (key == t)
+    eq_rank = tl.cumsum(equal.to(tl.int32), axis=0)
+    # (kb > 0 needs no test: with kb = 0, T ends above every key and nothing is > or == T)
+    return above | (equal & (eq_rank <= kb - n_above))
+
+
+@triton.jit
 def _select_kernel(
     scores_ptr,  # float32 / float16 / bfloat16 [B, N], any strides
     k_ptr,  # integer [B]
@@ -61,36 +101,7 @@ def _select_kernel(
     live = offs < vb
 
     x = tl.load(scores_ptr + row * stride_sb + offs * stride_sn, mask=live, other=0.0).to(tl.float32)
-    u = x.to(tl.uint32, bitcast=True)
-    sign = tl.full([BLOCK_N], 0x80000000, tl.uint32)
-    nan_as = tl.full([BLOCK_N], 0xFF800000, tl.uint32)  # -inf
-    zero = tl.full([BLOCK_N], 0, tl.uint32)
-    absmask = tl.full([BLOCK_N], 0x7FFFFFFF, tl.uint32)
-    expmask = tl.full([BLOCK_N], 0x7F800000, tl.uint32)
-    ones = tl.full([BLOCK_N], 0xFFFFFFFF, tl.uint32)  # u ^ ones, not ~u: Triton 3.8's interpreter fails on ~uint32
-    u = tl.where((u & absmask) > expmask, nan_as, u)  # NaN -> -inf
-    u = tl.where(u == sign, zero, u)  # -0.0 -> +0.0
-    # order-preserving map: negatives flip all bits, non-negatives set the sign bit
-    key = tl.where((u & sign) != zero, u ^ ones, u | sign)
-    key = tl.where(live, key, zero)
-
-    # radix select of the k-th largest key, one bit at a time from the top
-    thr = tl.full([1], 0, tl.uint32)
-    bit = tl.full([1], 0x80000000, tl.uint32)
-    for _ in range(32):
-        cand = thr | bit
-        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
-        thr = tl.where(cnt >= kb, cand, thr)
-        bit = bit >> 1
-
-    # compaction: all keys above T, then the lowest-index keys equal to T
-    t = tl.broadcast_to(thr, [BLOCK_N])
-    above = live & (key > t)
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    equal = live & (key == t)
-    eq_rank = tl.cumsum(equal.to(tl.int32), axis=0)
-    # (kb > 0 needs no test: with k = 0, T ends above every key and nothing is > or == T)
-    take = above | (equal & (eq_rank <= kb - n_above))
+    take = top_mask(order_keys(x, live, BLOCK_N), live, kb, BLOCK_N)
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     out = idx_ptr + row * stride_i
     tl.store(out + pos, offs.to(tl.int64), mask=take)

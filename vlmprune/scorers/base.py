@@ -74,6 +74,13 @@ class Signals:
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
     vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     cls_value_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    counts: tuple[int, ...] | None = None
+    """`n_valid` on the host when the adapter knows it: scorers size their work from it without
+    waiting for the device (`valid_counts`)."""
+
+    def valid_counts(self) -> list[int]:
+        """`n_valid` as Python ints (a device sync only when `counts` is not given)."""
+        return list(self.counts) if self.counts is not None else self.n_valid.tolist()
 
     @property
     def num_images(self) -> int:

@@ -90,31 +90,13 @@ def valid_mask(n_valid: torch.Tensor, n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device)[None, :] < n_valid.to(device)[:, None]
 
 
-def rank(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Per row, all N token indices ordered: allowed tokens first by descending score (ties to
-    the lower index, NaN lowest), then the disallowed ones. [I, N] long."""
-    s = scores.float().nan_to_num(nan=float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    ok = allowed.gather(1, order).to(torch.int8)
-    return order.gather(1, torch.sort(ok, dim=1, descending=True, stable=True).indices)
-
-
-def pack(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """[I, N] bool mask -> [I, width] ascending indices, padded with -1. `width` defaults to the
-    largest count (a host sync); pass it when every row's count is known."""
-    n = keep.shape[1]
-    kmax = width if width is not None else int(keep.sum(1).max()) if keep.shape[0] else 0
-    pos = torch.arange(n, device=keep.device).expand_as(keep)
-    idx = torch.sort(torch.where(keep, pos, n), dim=1).values[:, :kmax]
-    return idx.masked_fill(idx == n, -1)
-
-
-def budget(k: torch.Tensor, n_valid: torch.Tensor, device) -> list[int]:
-    """Per image, k clipped to [0, n_valid]."""
-    k = k.to(device=device, dtype=torch.long)
-    if (k < 0).any():
-        raise ValueError(f"k must be >= 0, got {k.tolist()}")
-    return torch.minimum(k, n_valid.to(device=device, dtype=torch.long)).tolist()
+def budget(k: torch.Tensor, counts: list[int]) -> list[int]:
+    """Per image, k clipped to [0, count] (`Signals.valid_counts`); no device sync when k is on
+    the host, as the adapter passes it."""
+    ks = k.tolist()
+    if min(ks, default=0) < 0:
+        raise ValueError(f"k must be >= 0, got {ks}")
+    return [min(a, c) for a, c in zip(ks, counts)]
 
 
 @register

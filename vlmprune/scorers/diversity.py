@@ -33,7 +33,7 @@ class DivPruneScorer(Scorer):
 
     def select(self, signals: Signals, k: torch.Tensor) -> Selection:
         feats = _features(signals, self.name)
-        idx = maxmin_select(feats, k.to(feats.device), signals.n_valid.to(feats.device))
+        idx = maxmin_select(feats, k, torch.tensor(signals.valid_counts()))  # budgets on the host: no sync
         return Selection(indices=idx)
 
 
@@ -66,8 +66,7 @@ class KCenterScorer(ClsScorer):
     def select(self, signals: Signals, k: torch.Tensor) -> Selection:
         feats = _features(signals, self.name)
         first = self.seed(signals).to(feats.device)
-        valid = signals.n_valid.to(feats.device)
         # rows with nothing valid keep nothing; their seed is irrelevant
-        first = torch.where(valid > 0, first, torch.zeros_like(first))
-        idx = maxmin_select(feats, k.to(feats.device), valid, first)
+        first = torch.where(signals.n_valid.to(feats.device) > 0, first, torch.zeros_like(first))
+        idx = maxmin_select(feats, k, torch.tensor(signals.valid_counts()), first)
         return Selection(indices=idx)

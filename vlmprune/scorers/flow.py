@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from vlmprune.kernels.flow import flowcut_select
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
-    budget,
     check_int,
     check_number,
-    pack,
-    rank,
     resolve_layer,
-    valid_mask,
 )
-
-
-def _normalise(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """x [..., I, N] restricted to the alive tokens [I, N] and scaled to sum 1 over them along the
-    last dim (zero elsewhere)."""
-    x = torch.where(alive, x, torch.zeros_like(x))
-    return x / x.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @register
@@ -123,35 +113,9 @@ class FlowCutScorer(Scorer):
     def select(self, signals: Signals, k: torch.Tensor) -> Selection:
         span = self._span(signals.info)
         end = span[-1]
-        a_all, s_all, d_all = self._stack(signals, span, signals.n_valid.device)
-        device, n = a_all.device, a_all.shape[2]
-        alive = valid_mask(signals.n_valid, n, device)
-        ks = torch.tensor(budget(k, signals.n_valid, device), dtype=torch.long, device=device)
-        pos = torch.arange(n, device=device)
-        # the alive set only changes at the cut layers, so each run of layers up to a cut is scored at once
-        cut_at = [j for j, layer in enumerate(span) if (end - layer) % self.prune_every == 0]
-        flow = None
-        start = 0
-        for j in cut_at:
-            seg = slice(start, j + 1)
-            p = _normalise(a_all[seg], alive)  # [Ls, I, N]
-            score = self.attn_weight * p
-            if s_all is not None:
-                score = score + self.semantic_weight * _normalise(s_all[seg], alive)
-            if d_all is not None:
-                score = score * d_all[seg]
-            for row in score:
-                flow = row if flow is None else self.momentum * flow + (1 - self.momentum) * row
-            start = j + 1
-            rpl = end - span[j]
-            n_alive = alive.sum(1)
-            if rpl == 0:
-                n_keep = torch.minimum(ks, n_alive)
-            else:
-                entropy = -torch.special.xlogy(p[-1], p[-1]).sum(1)
-                ratio = torch.where(n_alive > 1, entropy / n_alive.clamp_min(2).float().log(), torch.ones_like(entropy))
-                cut = torch.floor((n_alive - ks).clamp_min(0) / rpl**0.5 * (1 - ratio**2) + 0.5).long().clamp_min(0)
-                n_keep = torch.maximum(n_alive - cut, torch.minimum(ks, n_alive))
-            order = rank(flow, alive)
-            alive = torch.zeros_like(alive).scatter(1, order, pos[None, :] < n_keep[:, None])
-        return Selection(indices=pack(alive))
+        a, s, d = self._stack(signals, span, signals.n_valid.device)
+        # a cut every `prune_every` layers counted back from end_layer: the layers left after it
+        rpl = [end - layer if (end - layer) % self.prune_every == 0 else None for layer in span]
+        valid = torch.tensor(signals.valid_counts())  # on the host: the kernel sizes its output without a sync
+        idx = flowcut_select(a, s, d, k, valid, rpl, self.attn_weight, self.semantic_weight, self.momentum)
+        return Selection(indices=idx)

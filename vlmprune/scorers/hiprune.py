@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from vlmprune.kernels.select import pack, rank
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -14,8 +15,6 @@ from vlmprune.scorers.cls_attention import (
     budget,
     check_int,
     check_number,
-    pack,
-    rank,
     valid_mask,
 )
 
@@ -78,35 +77,45 @@ class HiPruneScorer(Scorer):
         h, w = signals.grid
         if h * w != n:
             raise ValueError(f"{self.name}: grid {h}x{w} does not cover the {n} visual tokens")
+        counts = signals.valid_counts()
+        ks = budget(k, counts)
         valid = valid_mask(signals.n_valid, n, device)
-        ks = budget(k, signals.n_valid, device)
-        obj_order = rank(obj, valid).tolist()
-        n_valid = signals.n_valid.tolist()  # one host copy, not one sync per image
-        full = [ki >= nv for ki, nv in zip(ks, n_valid)]
-        chosen_rows, rests = [], []  # anchors + buffers per image, picked on the host (a short, sequential walk)
-        for i, (ki, nv) in enumerate(zip(ks, n_valid)):
-            chosen: set[int] = set()
-            if not full[i]:
-                m = min(ki, math.floor(self.alpha * ki + 0.5))
-                anchors = obj_order[i][: math.ceil(m / 5)]
-                chosen = set(anchors)
-                for a in anchors:
-                    r, c = divmod(a, w)
-                    for nr, nc in ((r - 1, c), (r, c - 1), (r, c + 1), (r + 1, c)):
-                        if len(chosen) >= m:
-                            break
-                        j = nr * w + nc
-                        if 0 <= nr < h and 0 <= nc < w and j < nv and j not in chosen:
-                            chosen.add(j)
-            chosen_rows.append(sorted(chosen))
-            rests.append(0 if full[i] else ki - len(chosen))
-        chosen = torch.zeros(len(ks), n, dtype=torch.bool)
-        for i, row in enumerate(chosen_rows):
-            chosen[i, row] = True
-        chosen = chosen.to(device)
-        # registers: the top `rest` of the deep layer's attention among the valid tokens not chosen, all images at once
+        # per image, on the host: slots m for anchors + buffers, ceil(m / 5) anchors; full rows keep all
+        full = [ki >= nv for ki, nv in zip(ks, counts)]
+        m = [0 if f else min(ki, math.floor(self.alpha * ki + 0.5)) for f, ki in zip(full, ks)]
+        n_anchor = [math.ceil(mi / 5) for mi in m]
+        a = max(n_anchor, default=0)
+        chosen = torch.zeros_like(valid)
+        if a > 0:
+            anchors = rank(obj, valid)[:, :a]  # [I, A] by descending object-layer attention
+            cand, ok = self._candidates(anchors, torch.tensor(n_anchor, device=device), signals.n_valid.to(device), h, w)
+            # a candidate counts if no earlier candidate is the same token; take them in order up to m
+            same = (cand[:, :, None] == cand[:, None, :]) & ok[:, None, :]
+            earlier = torch.ones(cand.shape[1], cand.shape[1], dtype=torch.bool, device=device).tril(-1)
+            new = ok & ~(same & earlier).any(-1)
+            take = new & (new.cumsum(1) <= torch.tensor(m, device=device)[:, None])
+            slots = torch.zeros(valid.shape[0], n + 1, dtype=torch.bool, device=device)  # column n: not taken
+            chosen = slots.scatter(1, torch.where(take, cand, n), True)[:, :n]
+        # registers: the top `rest` of the deep layer's attention among the valid tokens not chosen
+        rest = torch.tensor(ks, device=device) - chosen.sum(1)
         order = rank(reg, valid & ~chosen)
-        take = torch.arange(n, device=device)[None, :] < torch.tensor(rests, device=device)[:, None]
-        keep = chosen | torch.zeros_like(chosen).scatter(1, order, take)
+        keep = chosen | torch.zeros_like(chosen).scatter(1, order, torch.arange(n, device=device)[None, :] < rest[:, None])
         keep = torch.where(torch.tensor(full, device=device)[:, None], valid, keep)
-        return Selection(indices=pack(keep))
+        return Selection(indices=pack(keep, max(ks, default=0)))
+
+    @staticmethod
+    def _candidates(anchors: torch.Tensor, n_anchor: torch.Tensor, n_valid: torch.Tensor, h: int, w: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchors, then each anchor's 4-neighbours (up, left, right, down) in anchor order:
+        token indices [I, 5A] and whether each is usable (a real anchor of the image, or a
+        neighbour inside the grid and among the valid tokens)."""
+        i, a = anchors.shape
+        device = anchors.device
+        is_anchor = torch.arange(a, device=device)[None, :] < n_anchor[:, None]  # [I, A]
+        r, c = anchors // w, anchors % w
+        dr = torch.tensor([-1, 0, 0, 1], device=device)
+        dc = torch.tensor([0, -1, 1, 0], device=device)
+        nr, nc = r[:, :, None] + dr, c[:, :, None] + dc  # [I, A, 4]
+        nb = nr * w + nc
+        nb_ok = is_anchor[:, :, None] & (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w) & (nb < n_valid[:, None, None])
+        return torch.cat([anchors, nb.flatten(1)], 1), torch.cat([is_anchor, nb_ok.flatten(1)], 1)
