@@ -17,6 +17,7 @@ from torch import nn
 
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
+from vlmprune.kernels.select import to_device
 from vlmprune.kernels.assemble import assemble_ref
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals
 
@@ -183,7 +184,7 @@ class Adapter:
         n = padded.shape[1]
         counts = tuple(int(f.shape[0]) for f in feats)
         signals = Signals(
-            n_valid=torch.tensor(counts, device=padded.device),
+            n_valid=to_device(counts, padded.device),
             grid=self.info.grid if self.info.grid[0] * self.info.grid[1] == n else (1, n),
             info=self.info,
             features=padded,
@@ -306,15 +307,16 @@ class Adapter:
     @staticmethod
     def keep_mask(idx: torch.Tensor, per_image: list[int], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Flat bool over every visual slot (row-major) and the kept indices of each image."""
+        idx = idx.cpu()  # one transfer: the host keeps the indices anyway (`last_selection`)
         parts, chosen = [], []
         for i, n in enumerate(per_image):
-            sel = idx[i][idx[i] >= 0].cpu()
+            sel = idx[i][idx[i] >= 0]
             m = torch.zeros(n, dtype=torch.bool)
             m[sel] = True
             parts.append(m)
             chosen.append(sel)
         flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
-        return flat.to(device), chosen
+        return to_device(flat, device, torch.bool), chosen
 
     @staticmethod
     def split_by_row(is_visual: torch.Tensor, per_image: list[int], chosen: list[torch.Tensor]) -> list[list[torch.Tensor]]:

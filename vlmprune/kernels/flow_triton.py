@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.flow import TINY, _check, flowcut_select_ref
+from vlmprune.kernels.select import to_device
 from vlmprune.kernels.select_triton import order_keys, row_budget, top_mask
 
 MAX_N = 8192
@@ -131,7 +132,7 @@ def flowcut_select_triton(
         return idx
     steps = torch.tensor([-1 if r is None else r for r in rpl], dtype=torch.int32)
     roots = torch.tensor([0.0 if r is None else r**0.5 for r in rpl], dtype=torch.float32)
-    steps, roots, k_dev, valid_dev = (t.to(dev) for t in (steps, roots, k, valid))
+    steps, roots, k_dev, valid_dev = (to_device(t, dev) for t in (steps, roots, k, valid))
     sem_, dens_ = sem if sem is not None else attn, dens if dens is not None else attn
     block = max(16, triton.next_power_of_2(n))
     _flowcut_kernel[(b,)](

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.maxmin import NORM_EPS2, gram_sum, maxmin_select_ref
+from vlmprune.kernels.select import to_device
 from vlmprune.kernels.select_triton import row_budget
 
 MAX_N = 8192
@@ -193,9 +194,9 @@ def maxmin_select_triton(
     order, idx = torch.empty((2, b, kmax), dtype=torch.long, device=dev).unbind(0)
     if kmax == 0:
         return (idx, order) if return_order else idx
-    k = k if k.device == dev else k.to(dev)
-    valid = None if valid is None else valid if valid.device == dev else valid.to(dev)
-    first = None if first is None else first if first.device == dev else first.to(dev)
+    k = to_device(k, dev)
+    valid = None if valid is None else to_device(valid, dev)
+    first = None if first is None else to_device(first, dev)
     gram = gram_sum(feats)
     if first is None:
         rowmin = torch.empty((b, n), dtype=torch.float32, device=dev)

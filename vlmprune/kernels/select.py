@@ -28,6 +28,17 @@ def effective_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | Non
     return torch.minimum(k.to(device=scores.device, dtype=torch.long), valid), valid
 
 
+def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values (a list or a CPU tensor) on `device`, without waiting for it: to a CUDA device
+    through a pinned staging copy sent asynchronously (a plain `.to()` from pageable memory
+    synchronises the stream, which on the host-bound scoring path costs more than the copy)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def gather_rows(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """feats[b, idx[b, j]] with zeros where idx is -1 (padding)."""
     safe = idx.clamp(min=0)

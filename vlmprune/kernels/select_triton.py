@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmprune.kernels.select import _check, select_tokens_ref
+from vlmprune.kernels.select import _check, select_tokens_ref, to_device
 
 MAX_N = 16384
 """Longest row one program holds in registers; longer rows use the torch reference."""
@@ -193,8 +193,8 @@ def select_tokens_triton(
     if kmax > 0:
         if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             scores = scores.float()
-        k_dev = k if k.device == dev else k.to(dev)
-        valid_dev = None if valid is None else valid if valid.device == dev else valid.to(dev)
+        k_dev = to_device(k, dev)
+        valid_dev = None if valid is None else to_device(valid, dev)
         block = max(16, triton.next_power_of_2(n))
         _select_kernel[(b,)](
             scores,

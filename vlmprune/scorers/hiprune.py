@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from vlmprune.kernels.select import pack, rank
+from vlmprune.kernels.select import pack, rank, to_device
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -88,19 +88,19 @@ class HiPruneScorer(Scorer):
         chosen = torch.zeros_like(valid)
         if a > 0:
             anchors = rank(obj, valid)[:, :a]  # [I, A] by descending object-layer attention
-            cand, ok = self._candidates(anchors, torch.tensor(n_anchor, device=device), signals.n_valid.to(device), h, w)
+            cand, ok = self._candidates(anchors, to_device(n_anchor, device), signals.n_valid.to(device), h, w)
             # a candidate counts if no earlier candidate is the same token; take them in order up to m
             same = (cand[:, :, None] == cand[:, None, :]) & ok[:, None, :]
             earlier = torch.ones(cand.shape[1], cand.shape[1], dtype=torch.bool, device=device).tril(-1)
             new = ok & ~(same & earlier).any(-1)
-            take = new & (new.cumsum(1) <= torch.tensor(m, device=device)[:, None])
+            take = new & (new.cumsum(1) <= to_device(m, device)[:, None])
             slots = torch.zeros(valid.shape[0], n + 1, dtype=torch.bool, device=device)  # column n: not taken
             chosen = slots.scatter(1, torch.where(take, cand, n), True)[:, :n]
         # registers: the top `rest` of the deep layer's attention among the valid tokens not chosen
-        rest = torch.tensor(ks, device=device) - chosen.sum(1)
+        rest = to_device(ks, device) - chosen.sum(1)
         order = rank(reg, valid & ~chosen)
         keep = chosen | torch.zeros_like(chosen).scatter(1, order, torch.arange(n, device=device)[None, :] < rest[:, None])
-        keep = torch.where(torch.tensor(full, device=device)[:, None], valid, keep)
+        keep = torch.where(to_device(full, device, torch.bool)[:, None], valid, keep)
         return Selection(indices=pack(keep, max(ks, default=0)))
 
     @staticmethod
@@ -113,8 +113,8 @@ class HiPruneScorer(Scorer):
         device = anchors.device
         is_anchor = torch.arange(a, device=device)[None, :] < n_anchor[:, None]  # [I, A]
         r, c = anchors // w, anchors % w
-        dr = torch.tensor([-1, 0, 0, 1], device=device)
-        dc = torch.tensor([0, -1, 1, 0], device=device)
+        dr = to_device([-1, 0, 0, 1], device)
+        dc = to_device([0, -1, 1, 0], device)
         nr, nc = r[:, :, None] + dr, c[:, :, None] + dc  # [I, A, 4]
         nb = nr * w + nc
         nb_ok = is_anchor[:, :, None] & (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w) & (nb < n_valid[:, None, None])

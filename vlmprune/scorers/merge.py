@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from vlmprune.kernels.select import gather_rows, pack, rank
+from vlmprune.kernels.select import gather_rows, pack, rank, to_device
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -113,7 +113,7 @@ class VisionZipScorer(Scorer):
         out_idx = torch.full((len(ks), kmax), -1, dtype=torch.long, device=device)
         out_feat = torch.zeros(len(ks), kmax, feats.shape[-1], dtype=feats.dtype, device=device)
         for (nv, ki), rows in groups.items():
-            sel = torch.tensor(rows, device=device)
+            sel = to_device(rows, device)
             idx, merged = self._group(feats[sel], metric[sel], order[sel], nv, ki)
             out_idx[sel, :ki] = idx
             out_feat[sel, :ki] = merged.to(feats.dtype)
@@ -140,8 +140,8 @@ class VisionZipScorer(Scorer):
         is_target = torch.zeros(n_rest, dtype=torch.bool)
         is_target[: step * n_ctx : step] = True
         slots = torch.arange(n_rest)
-        targets = rest_idx[:, slots[is_target].to(device)]  # [G, C]
-        others = rest_idx[:, slots[~is_target].to(device)]  # [G, R - C]
+        targets = rest_idx[:, to_device(slots[is_target], device)]  # [G, C]
+        others = rest_idx[:, to_device(slots[~is_target], device)]  # [G, R - C]
         sim = gather_rows(metric, others) @ gather_rows(metric, targets).transpose(1, 2)  # [G, R - C, C]
         group = sim.argmax(dim=2)  # first maximum: lower target index
         d = feats.shape[-1]

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from vlmprune.kernels.select import to_device
 from vlmprune.scorers.base import Scorer, Signals, register
 
 
@@ -26,7 +27,7 @@ class RandomScorer(Scorer):
     def score(self, signals: Signals) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
         row = torch.rand(signals.num_tokens, generator=g)
-        return row.expand(signals.num_images, -1).to(signals.n_valid.device)
+        return to_device(row, signals.n_valid.device).expand(signals.num_images, -1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,4 +73,4 @@ class UniformScorer(Scorer):
         idx = torch.full((signals.num_images, kmax), -1, dtype=torch.long)
         for i, ki in enumerate(k.tolist()):
             idx[i, :ki] = strided_grid(h, w, ki)
-        return Selection(indices=idx.to(signals.n_valid.device))
+        return Selection(indices=to_device(idx, signals.n_valid.device))
