@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlmprune.kernels.flow import flowcut_select_ref  # noqa: E402
+from vlmprune.kernels.flow import FlowSchedule, flowcut_select_ref  # noqa: E402
 from vlmprune.kernels.maxmin import maxmin_naive_ref, maxmin_select_ref  # noqa: E402
 from vlmprune.kernels.select import select_tokens_ref  # noqa: E402
 
@@ -132,8 +132,8 @@ def flow_inputs(b, layers, n, k, gen, dev, nan: bool = False):
     valid = torch.full((b,), n)
     if b > 1:
         valid[1] = n // 2
-    rpl = [layers - 1 - j if (layers - 1 - j) % 2 == 0 else None for j in range(layers)]
-    return attn, sem, dens, kk, valid, rpl
+    rpl = tuple(layers - 1 - j if (layers - 1 - j) % 2 == 0 else None for j in range(layers))
+    return attn, sem, dens, kk, valid, FlowSchedule(rpl)
 
 
 def check_flow(flowcut_select_triton, b, layers, n, k, gen, dev) -> dict:

@@ -437,9 +437,9 @@ def flow_case(seed: int):
     valid = torch.tensor([n, n // 2 + 1, 0, n])
     k = torch.tensor([1, n, 2, max(1, n // 5)])
     every = 1 + seed % 3
-    rpl = [n_layers - 1 - j if (n_layers - 1 - j) % every == 0 else None for j in range(n_layers)]
+    rpl = tuple(n_layers - 1 - j if (n_layers - 1 - j) % every == 0 else None for j in range(n_layers))
     weights = (1.0, 1.0, 0.5) if seed % 3 else (0.7, 1.9, 0.3)
-    return (attn, sem, dens, k, valid, rpl, *weights)
+    return attn, sem, dens, k, valid, fl.FlowSchedule(rpl, *weights)
 
 
 @interpreted
@@ -463,6 +463,6 @@ def test_flowcut_ref_errors():
     attn = torch.rand(3, 2, 5)
     k, valid = torch.tensor([1, 2]), torch.tensor([5, 5])
     with pytest.raises(ValueError, match="rpl"):
-        fl.flowcut_select_ref(attn, None, None, k, valid, [None, 1, None])
+        fl.flowcut_select_ref(attn, None, None, k, valid, fl.FlowSchedule((None, 1, None)))
     with pytest.raises(ValueError, match="sem"):
-        fl.flowcut_select_ref(attn, torch.rand(3, 2, 4), None, k, valid, [None, None, 0])
+        fl.flowcut_select_ref(attn, torch.rand(3, 2, 4), None, k, valid, fl.FlowSchedule((None, None, 0)))

@@ -20,12 +20,25 @@ a decision closer than a few ulps can differ (random inputs agree exactly in the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vlmprune.kernels.dispatch import use_triton
 from vlmprune.kernels.select import pack, rank
 
 TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Where FlowCut cuts and how it weighs its terms: `rpl[l]` is None where layer l makes no cut,
+    else the layers left after its cut (the last is 0, the final cut)."""
+
+    rpl: tuple[int | None, ...]
+    attn_weight: float = 1.0
+    semantic_weight: float = 1.0
+    momentum: float = 0.5
 
 
 def _check(attn: torch.Tensor, sem, dens, k: torch.Tensor, valid: torch.Tensor, rpl) -> None:
@@ -48,18 +61,10 @@ def _normalise(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     return x / x.sum(dim=-1, keepdim=True).clamp_min(TINY)
 
 
-def flowcut_select_ref(
-    attn: torch.Tensor,
-    sem: torch.Tensor | None,
-    dens: torch.Tensor | None,
-    k: torch.Tensor,
-    valid: torch.Tensor,
-    rpl: list[int | None],
-    attn_weight: float = 1.0,
-    semantic_weight: float = 1.0,
-    momentum: float = 0.5,
-) -> torch.Tensor:
+def flowcut_select_ref(attn: torch.Tensor, sem: torch.Tensor | None, dens: torch.Tensor | None, k: torch.Tensor,
+                       valid: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
     """Kept indices [B, kmax] (ascending, -1 padded; kmax = max of k clipped to valid)."""
+    rpl = schedule.rpl
     _check(attn, sem, dens, k, valid, rpl)
     _, b, n = attn.shape
     device = attn.device
@@ -73,13 +78,13 @@ def flowcut_select_ref(
     for j in [j for j, r in enumerate(rpl) if r is not None]:
         seg = slice(start, j + 1)
         p = _normalise(attn[seg].float(), alive)  # [Ls, B, N]
-        score = attn_weight * p
+        score = schedule.attn_weight * p
         if sem is not None:
-            score = score + semantic_weight * _normalise(sem[seg].float(), alive)
+            score = score + schedule.semantic_weight * _normalise(sem[seg].float(), alive)
         if dens is not None:
             score = score * dens[seg].float()
         for row in score:
-            flow = row if flow is None else momentum * flow + (1 - momentum) * row
+            flow = row if flow is None else schedule.momentum * flow + (1 - schedule.momentum) * row
         start = j + 1
         n_alive = alive.sum(1)
         if rpl[j] == 0:
@@ -94,20 +99,11 @@ def flowcut_select_ref(
     return pack(alive, int(ks.max()) if b else 0)
 
 
-def flowcut_select(
-    attn: torch.Tensor,
-    sem: torch.Tensor | None,
-    dens: torch.Tensor | None,
-    k: torch.Tensor,
-    valid: torch.Tensor,
-    rpl: list[int | None],
-    attn_weight: float = 1.0,
-    semantic_weight: float = 1.0,
-    momentum: float = 0.5,
-) -> torch.Tensor:
+def flowcut_select(attn: torch.Tensor, sem: torch.Tensor | None, dens: torch.Tensor | None, k: torch.Tensor,
+                   valid: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
     """Dispatcher: the Triton kernel on CUDA (when available), the torch reference elsewhere."""
     if use_triton(attn):
         from vlmprune.kernels.flow_triton import flowcut_select_triton
 
-        return flowcut_select_triton(attn, sem, dens, k, valid, rpl, attn_weight, semantic_weight, momentum)
-    return flowcut_select_ref(attn, sem, dens, k, valid, rpl, attn_weight, semantic_weight, momentum)
+        return flowcut_select_triton(attn, sem, dens, k, valid, schedule)
+    return flowcut_select_ref(attn, sem, dens, k, valid, schedule)

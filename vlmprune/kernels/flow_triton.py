@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmprune.kernels.flow import TINY, _check, flowcut_select_ref
+from vlmprune.kernels.flow import TINY, FlowSchedule, _check, flowcut_select_ref
 from vlmprune.kernels.select import to_device
 from vlmprune.kernels.select_triton import order_keys, row_budget, top_mask
 
@@ -104,24 +104,16 @@ def can_launch(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _interpreted(_flowcut_kernel))
 
 
-def flowcut_select_triton(
-    attn: torch.Tensor,
-    sem: torch.Tensor | None,
-    dens: torch.Tensor | None,
-    k: torch.Tensor,
-    valid: torch.Tensor,
-    rpl: list[int | None],
-    attn_weight: float = 1.0,
-    semantic_weight: float = 1.0,
-    momentum: float = 0.5,
-) -> torch.Tensor:
+def flowcut_select_triton(attn: torch.Tensor, sem: torch.Tensor | None, dens: torch.Tensor | None, k: torch.Tensor,
+                          valid: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
     """`flowcut_select_ref` in one launch. k and valid on the host (as the scorer passes them)
     cost no device sync: they size the output."""
+    rpl = schedule.rpl
     _check(attn, sem, dens, k, valid, rpl)
     n_layers, b, n = attn.shape
     tensors = [t for t in (attn, sem, dens) if t is not None]
     if b == 0 or n == 0 or n > MAX_N or not can_launch(attn) or any(t.stride(2) != 1 for t in tensors):
-        return flowcut_select_ref(attn, sem, dens, k, valid, rpl, attn_weight, semantic_weight, momentum)
+        return flowcut_select_ref(attn, sem, dens, k, valid, schedule)
     k_h, valid_h = k.tolist(), valid.tolist()
     if min(k_h) < 0:
         raise ValueError(f"k must be >= 0, got {k_h}")
@@ -140,7 +132,8 @@ def flowcut_select_triton(
         n_layers, n,
         attn.stride(0), attn.stride(1), sem_.stride(0), sem_.stride(1), dens_.stride(0), dens_.stride(1),
         idx.stride(0), kmax,
-        float(attn_weight), float(semantic_weight), float(momentum), float(1 - momentum),
+        float(schedule.attn_weight), float(schedule.semantic_weight), float(schedule.momentum),
+        float(1 - schedule.momentum),
         HAS_SEM=sem is not None,
         HAS_DENS=dens is not None,
         BLOCK_N=block,

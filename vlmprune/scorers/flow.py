@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmprune.kernels.flow import flowcut_select
+from vlmprune.kernels.flow import FlowSchedule, flowcut_select
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -115,7 +115,8 @@ class FlowCutScorer(Scorer):
         end = span[-1]
         a, s, d = self._stack(signals, span, signals.n_valid.device)
         # a cut every `prune_every` layers counted back from end_layer: the layers left after it
-        rpl = [end - layer if (end - layer) % self.prune_every == 0 else None for layer in span]
+        rpl = tuple(end - layer if (end - layer) % self.prune_every == 0 else None for layer in span)
+        schedule = FlowSchedule(rpl, self.attn_weight, self.semantic_weight, self.momentum)
         valid = torch.tensor(signals.valid_counts())  # on the host: the kernel sizes its output without a sync
-        idx = flowcut_select(a, s, d, k, valid, rpl, self.attn_weight, self.semantic_weight, self.momentum)
+        idx = flowcut_select(a, s, d, k, valid, schedule)
         return Selection(indices=idx)

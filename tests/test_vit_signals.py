@@ -1,0 +1,78 @@
+"""The ViT signal hooks (`vlmprune.adapters.vit.collect`) against the same quantities read off an
+eager-attention run of the tower: every signal kind, more layers than one stacked batch holds
+(`FLUSH_LAYERS`), and the tower's own output untouched, under SDPA and eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from vlmprune.adapters import vit
+from vlmprune.adapters.llava import vit_layers
+from vlmprune.scorers import Request
+
+LAYERS, HEADS = vit.FLUSH_LAYERS + 3, 4
+
+
+def tower(attn: str) -> CLIPVisionModel:
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=HEADS, num_hidden_layers=LAYERS,
+                           image_size=28, patch_size=7, initializer_factor=5.0, attn_implementation=attn)
+    torch.manual_seed(0)
+    return CLIPVisionModel(cfg).eval()
+
+
+def reference(pixels: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """Each signal of each layer from the eager model's attention weights and its own modules."""
+    model = tower("eager")
+    out = model(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+    ref: dict[str, dict[int, torch.Tensor]] = {n: {} for n in ("cls_attn", "received_attn", "keys", "value_norms",
+                                                                "cls_value_attn")}
+    for l, layer in enumerate(vit_layers(model)):
+        x = layer.layer_norm1(out.hidden_states[l])
+        k, v = layer.self_attn.k_proj(x), layer.self_attn.v_proj(x)
+        ref["cls_attn"][l] = out.attentions[l][:, :, 0].mean(1)
+        ref["received_attn"][l] = out.attentions[l].mean(dim=(1, 2))
+        ref["keys"][l] = k
+        ref["value_norms"][l] = v.norm(dim=-1)
+        vh = v.view(v.shape[0], v.shape[1], HEADS, -1).transpose(1, 2)
+        ref["cls_value_attn"][l] = torch.softmax(vh[:, :, :1] @ vh.transpose(2, 3), dim=-1)[:, :, 0].mean(1)
+    return ref
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_collected_signals_equal_the_eager_attention(attn):
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    everything = tuple(range(LAYERS))
+    request = Request(cls_attn=everything, cls_value_attn=everything[1:], received_attn=(0, LAYERS - 1),
+                      keys=(2, 5), value_norms=everything[::2])
+    model = tower(attn)
+    with torch.no_grad():
+        plain = model(pixel_values=pixels).last_hidden_state
+        with vit.collect(vit_layers(model), request) as got:
+            hooked = model(pixel_values=pixels).last_hidden_state
+        ref = reference(pixels)
+    assert torch.equal(plain, hooked)  # the hooks only read
+    for name in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms"):
+        table = getattr(got, name)
+        assert sorted(table) == list(getattr(request, name)), name
+        for layer, value in table.items():
+            torch.testing.assert_close(value, ref[name][layer], atol=1e-5, rtol=1e-4, msg=f"{name} layer {layer}")
+    # nothing is left pending or held once the encoder has run
+    assert got.cls_attn[LAYERS - 1].shape == (3, 17)
+
+
+def test_attention_without_projections_is_refused():
+    class Fused(torch.nn.Module):  # one qkv linear, as some towers have
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Fused()
+
+    with pytest.raises(ValueError, match="k_proj module"):
+        with vit.collect(torch.nn.ModuleList([Layer()]), Request(cls_attn=(0,))):
+            pass
