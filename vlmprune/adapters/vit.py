@@ -89,7 +89,7 @@ class _Capture:
 
     def keep(self, layer: int, name: str):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            self.proj.setdefault(layer, {})[name] = output
+            self.proj.setdefault(layer, {})[name] = output.detach()  # signals never carry autograd history
 
         return hook
 
