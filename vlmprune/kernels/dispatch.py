@@ -15,6 +15,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreted(kernel) -> bool:
+    """Whether this `@triton.jit` kernel was built by Triton's interpreter (TRITON_INTERPRET=1 when
+    its module was imported): then it runs on CPU tensors."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def use_triton(t: torch.Tensor) -> bool:
     mode = os.environ.get("VLMPRUNE_KERNELS", "auto").lower()
     if mode not in ("auto", "torch", "triton"):

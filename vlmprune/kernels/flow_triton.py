@@ -16,7 +16,8 @@ import triton.language as tl
 
 from vlmprune.kernels.flow import TINY, FlowSchedule, _check, flowcut_select_ref
 from vlmprune.kernels.select import to_device
-from vlmprune.kernels.select_triton import order_keys, row_budget, top_mask
+from vlmprune.kernels.dispatch import interpreted
+from vlmprune.kernels.select_triton import order_keys, row_budget, store_ascending, top_mask
 
 MAX_N = 8192
 """Longest row one program holds in registers; longer rows use the torch reference."""
@@ -89,19 +90,12 @@ def _flowcut_kernel(
                 cut = tl.floor(over / tl.load(root_ptr + j) * (1.0 - ratio * ratio) + 0.5).to(tl.int32)
                 n_keep = tl.maximum(n_alive - tl.maximum(cut, 0), n_keep)
             alive = top_mask(order_keys(flow, alive, BLOCK_N), alive, n_keep, BLOCK_N)
-    pos = tl.cumsum(alive.to(tl.int32), axis=0) - 1
-    out = idx_ptr + b * s_ib
-    tl.store(out + pos, offs.to(tl.int64), mask=alive)
-    tl.store(out + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax))
-
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
+    store_ascending(idx_ptr + b * s_ib, alive, kb, kmax, BLOCK_N)
 
 
 def can_launch(t: torch.Tensor) -> bool:
     """CUDA tensors, or CPU tensors when this module was imported under TRITON_INTERPRET=1."""
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_flowcut_kernel))
+    return t.is_cuda or (t.device.type == "cpu" and interpreted(_flowcut_kernel))
 
 
 def flowcut_select_triton(attn: torch.Tensor, sem: torch.Tensor | None, dens: torch.Tensor | None, k: torch.Tensor,

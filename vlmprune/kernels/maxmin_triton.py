@@ -23,7 +23,8 @@ import triton.language as tl
 
 from vlmprune.kernels.maxmin import NORM_EPS2, gram_sum, maxmin_select_ref
 from vlmprune.kernels.select import to_device
-from vlmprune.kernels.select_triton import row_budget
+from vlmprune.kernels.dispatch import interpreted
+from vlmprune.kernels.select_triton import row_budget, store_ascending
 
 MAX_N = 8192
 """Longest row the greedy program holds in registers; longer rows use the torch reference."""
@@ -122,21 +123,13 @@ def _greedy_kernel(
         mind = tl.minimum(mind, 1.0 - tl.math.div_rn(0.5 * s2, n_p * norms))
 
     chosen = chosen & ((tl.full([BLOCK_N], 0, tl.int32) + kb) > 0)
-    pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(idx_ptr + b * s_ib + pos, offs.to(tl.int64), mask=chosen)
-    pad = (offs >= kb) & (offs < kmax)
-    minus1 = tl.full([BLOCK_N], -1, tl.int64)
-    tl.store(idx_ptr + b * s_ib + offs, minus1, mask=pad)
-    tl.store(order + offs, minus1, mask=pad)
-
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
+    store_ascending(idx_ptr + b * s_ib, chosen, kb, kmax, BLOCK_N)
+    tl.store(order + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax))
 
 
 def can_launch(t: torch.Tensor) -> bool:
     """CUDA tensors, or CPU tensors when this module was imported under TRITON_INTERPRET=1."""
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_greedy_kernel))
+    return t.is_cuda or (t.device.type == "cpu" and interpreted(_greedy_kernel))
 
 
 def _warps(block: int) -> int:

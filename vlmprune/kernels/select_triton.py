@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmprune.kernels.dispatch import interpreted
 from vlmprune.kernels.select import _check, select_tokens_ref, to_device
 
 MAX_N = 16384
@@ -82,6 +83,16 @@ def top_mask(key, live, kb, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def store_ascending(out, keep, kb, kmax, BLOCK_N: tl.constexpr):
+    """Write the positions where `keep` is set (kb of them) to out[0..kb-1] in ascending order, a
+    prefix-sum compaction, and -1 to out[kb..kmax-1]."""
+    offs = tl.arange(0, BLOCK_N)
+    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(out + pos, offs.to(tl.int64), mask=keep)
+    tl.store(out + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax))
+
+
+@triton.jit
 def _select_kernel(
     scores_ptr,  # float32 / float16 / bfloat16 [B, N], any strides
     k_ptr,  # integer [B]
@@ -102,10 +113,7 @@ def _select_kernel(
 
     x = tl.load(scores_ptr + row * stride_sb + offs * stride_sn, mask=live, other=0.0).to(tl.float32)
     take = top_mask(order_keys(x, live, BLOCK_N), live, kb, BLOCK_N)
-    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    out = idx_ptr + row * stride_i
-    tl.store(out + pos, offs.to(tl.int64), mask=take)
-    tl.store(out + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax))
+    store_ascending(idx_ptr + row * stride_i, take, kb, kmax, BLOCK_N)
 
 
 @triton.jit
@@ -136,14 +144,10 @@ def _gather_kernel(
     tl.store(out_ptr + b * s_ob + j * s_ok + offs_d, vals, mask=in_d)
 
 
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
 def can_launch(t: torch.Tensor) -> bool:
     """Whether Triton can run on this tensor's device: CUDA, or CPU under TRITON_INTERPRET=1
     (read when this module was imported)."""
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_select_kernel))
+    return t.is_cuda or (t.device.type == "cpu" and interpreted(_select_kernel))
 
 
 def _select_warps(block: int) -> int:
