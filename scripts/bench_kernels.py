@@ -11,7 +11,11 @@ inputs (indices bit for bit, gathered rows equal), then times with `triton.testi
   (seeded) variants;
 * flowcut_select: `flowcut_select_triton` (one launch for all layers and cuts) vs
   `flowcut_select_ref` (torch ops, one batch of them per cut), FlowCut's default span at
-  CLIP-L shapes (22 layers, a cut every 2).
+  CLIP-L shapes (22 layers, a cut every 2);
+* hiprune_select: `hiprune_select_triton` (one launch) vs `hiprune_select_ref` (~50 torch ops),
+  the 24 x 24 grid, k = 64 with the default 6 anchor + buffer slots;
+* visionzip_merge: `visionzip_merge_triton` (split kernel, similarity GEMM, merge kernel) vs
+  `visionzip_merge_ref`, keys of CLIP-L width (1024) as the metric, k = 54 + 10.
 
 Shapes: LLaVA-1.5 (N=576 tokens, D=4096, k=64, batch 1 and 8, bf16 features) and any-res
 (N=2880). Prints a markdown table and writes JSON to --out.
@@ -33,6 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlmprune.kernels.flow import FlowSchedule, flowcut_select_ref  # noqa: E402
+from vlmprune.kernels.hiprune import hiprune_select_ref  # noqa: E402
+from vlmprune.kernels.merge import visionzip_merge_ref  # noqa: E402
 from vlmprune.kernels.maxmin import maxmin_naive_ref, maxmin_select_ref  # noqa: E402
 from vlmprune.kernels.select import select_tokens_ref  # noqa: E402
 
@@ -52,6 +58,15 @@ MAXMIN_SHAPES = [  # (batch, N, D, k)
 FLOW_SHAPES = [  # (batch, layers, N, k)
     (1, 22, 576, 64),
     (8, 22, 576, 64),
+]
+
+GRID_SHAPES = [  # (batch, h, w, k): hiprune
+    (1, 24, 24, 64),
+    (8, 24, 24, 64),
+]
+MERGE_SHAPES = [  # (batch, N, metric width, D, k): visionzip
+    (1, 576, 1024, 4096, 64),
+    (8, 576, 1024, 4096, 64),
 ]
 
 
@@ -144,6 +159,51 @@ def check_flow(flowcut_select_triton, b, layers, n, k, gen, dev) -> dict:
     return {"cases": 2, "ok": True}
 
 
+def hiprune_inputs(b, h, w, k, gen, dev, ties: bool = False):
+    """Object / register attention rows (integer-valued with a NaN for ties); host budgets: every
+    image at k except one with k = 0 and one kept whole; the default 6 slots."""
+    n = h * w
+    obj, reg = (torch.rand(b, n, generator=gen, device=dev) for _ in range(2))
+    if ties:
+        obj, reg = (obj * 4).round(), (reg * 3).round()
+        obj[0, 5] = float("nan")
+    ks = [k] * b
+    if b > 2:
+        ks[1], ks[2] = 0, n
+    return obj, reg, ks, [n] * b, [min(x, int(0.1 * x + 0.5)) for x in ks], (h, w)
+
+
+def check_hiprune(hiprune_select_triton, b, h, w, k, gen, dev) -> dict:
+    for ties in (False, True):
+        args = hiprune_inputs(b, h, w, k, gen, dev, ties)
+        if not torch.equal(hiprune_select_triton(*args), hiprune_select_ref(*args)):
+            raise SystemExit(f"hiprune_select mismatch at shape {(b, h, w, k)} ties={ties}")
+    return {"cases": 2, "ok": True}
+
+
+def merge_inputs(b, n, m, d, k, gen, dev, ties: bool = False):
+    attn = torch.rand(b, n, generator=gen, device=dev)
+    if ties:
+        attn = (attn * 5).round()
+    metric = torch.nn.functional.normalize(torch.randn(b, n, m, generator=gen, device=dev), dim=-1).bfloat16()
+    feats = torch.randn(b, n, d, generator=gen, device=dev).bfloat16()
+    return attn, metric, feats, n, k, k - 10, 10
+
+
+def check_merge(visionzip_merge_triton, b, n, m, d, k, gen, dev) -> dict:
+    """Indices bit for bit; merged features to bf16 rounding (members summed in another order)."""
+    worst = 0.0
+    for ties in (False, True):
+        args = merge_inputs(b, n, m, d, k, gen, dev, ties)
+        (gi, gf), (wi, wf) = visionzip_merge_triton(*args), visionzip_merge_ref(*args)
+        if not torch.equal(gi, wi):
+            raise SystemExit(f"visionzip_merge index mismatch at shape {(b, n, m, d, k)} ties={ties}")
+        worst = max(worst, float((gf.float() - wf.float()).abs().max()))
+        if worst > 0.02:
+            raise SystemExit(f"visionzip_merge features differ by {worst} at shape {(b, n, m, d, k)}")
+    return {"cases": 2, "ok": True, "max_abs_feature_diff": worst}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="path of the JSON results")
@@ -156,6 +216,8 @@ def main() -> None:
     import triton
 
     from vlmprune.kernels.flow_triton import flowcut_select_triton
+    from vlmprune.kernels.hiprune_triton import hiprune_select_triton
+    from vlmprune.kernels.merge_triton import visionzip_merge_triton
     from vlmprune.kernels.maxmin_triton import maxmin_select_triton
     from vlmprune.kernels.select_triton import select_tokens_triton
 
@@ -216,6 +278,29 @@ def main() -> None:
         results.append({"kernel": "flowcut_select", "batch": b, "N": n, "D": layers, "k": k, "dtype": "fp32",
                         "check": check, "ms": times})
         print(f"flowcut B={b} L={layers} N={n} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
+
+    for b, h, w, k in GRID_SHAPES[:1] if args.quick else GRID_SHAPES:
+        check = check_hiprune(hiprune_select_triton, b, h, w, k, gen, dev)
+        hargs = hiprune_inputs(b, h, w, k, gen, dev)
+        times = {
+            "triton": bench(lambda: hiprune_select_triton(*hargs), args.warmup, args.rep),
+            "ref": bench(lambda: hiprune_select_ref(*hargs), args.warmup, args.rep),
+        }
+        results.append({"kernel": "hiprune_select", "batch": b, "N": h * w, "D": "-", "k": k, "dtype": "fp32",
+                        "check": check, "ms": times})
+        print(f"hiprune B={b} grid={h}x{w} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
+
+    for b, n, m, d, k in MERGE_SHAPES[:1] if args.quick else MERGE_SHAPES:
+        check = check_merge(visionzip_merge_triton, b, n, m, d, k, gen, dev)
+        margs = merge_inputs(b, n, m, d, k, gen, dev)
+        times = {
+            "triton": bench(lambda: visionzip_merge_triton(*margs), args.warmup, args.rep),
+            "ref": bench(lambda: visionzip_merge_ref(*margs), args.warmup, args.rep),
+        }
+        results.append({"kernel": "visionzip_merge", "batch": b, "N": n, "D": d, "k": k, "dtype": "bf16",
+                        "check": check, "ms": times})
+        print(f"visionzip B={b} N={n} M={m} D={d} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()),
+              flush=True)
 
     lines = [
         f"GPU: {env['gpu']}, torch {env['torch']}, triton {env['triton']}; median ms (triton.testing.do_bench)",

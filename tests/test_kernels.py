@@ -26,6 +26,8 @@ from tests.circle import circle  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from vlmprune.kernels import flow as fl  # noqa: E402
+from vlmprune.kernels import hiprune as hp  # noqa: E402
+from vlmprune.kernels import merge as mg  # noqa: E402
 from vlmprune.kernels import maxmin as mm  # noqa: E402
 from vlmprune.kernels import maxmin_naive_ref, maxmin_select, maxmin_select_ref, select_tokens, select_tokens_ref  # noqa: E402
 
@@ -60,6 +62,8 @@ def _interpreted(name: str):
 st = _interpreted("vlmprune.kernels.select_triton") if INTERPRETED else None
 mt = _interpreted("vlmprune.kernels.maxmin_triton") if INTERPRETED else None
 ft = _interpreted("vlmprune.kernels.flow_triton") if INTERPRETED else None
+ht = _interpreted("vlmprune.kernels.hiprune_triton") if INTERPRETED else None
+gt = _interpreted("vlmprune.kernels.merge_triton") if INTERPRETED else None
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the Triton tests run in this process")
@@ -79,6 +83,8 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(st, "select_tokens_ref", boom)
     monkeypatch.setattr(mt, "maxmin_select_ref", boom)
     monkeypatch.setattr(ft, "flowcut_select_ref", boom)
+    monkeypatch.setattr(ht, "hiprune_select_ref", boom)
+    monkeypatch.setattr(gt, "visionzip_merge_ref", boom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,3 +472,147 @@ def test_flowcut_ref_errors():
         fl.flowcut_select_ref(attn, None, None, k, valid, fl.FlowSchedule((None, 1, None)))
     with pytest.raises(ValueError, match="sem"):
         fl.flowcut_select_ref(attn, torch.rand(3, 2, 4), None, k, valid, fl.FlowSchedule((None, None, 0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# hiprune_select
+
+
+def hiprune_case(seed: int):
+    """Object / register attention with ties and a NaN on grids of several shapes; images with
+    no valid token, fewer valid tokens than the grid, k = 0, k = valid (kept whole), and slot
+    shares from none to all of k (anchors whose buffers overlap, fall off the grid or run out)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = [(4, 5), (1, 7), (6, 6), (24, 24), (3, 1)][seed % 5]
+    n, b = h * w, 5
+    obj = torch.randint(0, 4, (b, n), generator=g).float() if seed % 2 else torch.rand(b, n, generator=g)
+    reg = torch.randint(0, 3, (b, n), generator=g).float() if seed % 3 else torch.rand(b, n, generator=g)
+    obj[0, 0] = float("nan")
+    counts = [n, int(torch.randint(0, n + 1, (1,), generator=g)), 0, n, n]
+    ks = [min(c, int(x)) for c, x in zip(counts, torch.randint(0, n + 1, (b,), generator=g))]
+    ks[3], ks[4] = n, min(n, 1 + seed)
+    alpha = [0.1, 0.5, 1.0, 0.3][seed % 4]
+    slots = [min(k, math.floor(alpha * k + 0.5)) for k in ks]
+    return obj, reg, ks, counts, slots, (h, w)
+
+
+def loop_hiprune(obj, reg, ks, counts, slots, grid):
+    """Plain-Python oracle of DESIGN's hiprune rule, image by image."""
+    h, w = grid
+    out = []
+    for i, (k, nv, m) in enumerate(zip(ks, counts, slots)):
+        if k >= nv:
+            out.append(list(range(nv)))
+            continue
+        def by(x):
+            vals = [-math.inf if math.isnan(float(v)) else float(v) for v in x[i]]
+            return sorted(range(nv), key=lambda j: (-vals[j], j))
+        anchors = by(obj)[: math.ceil(m / 5)]
+        chosen = list(anchors)
+        for a in anchors:
+            r, c = divmod(a, w)
+            for dr, dc in hp.NEIGHBOURS:
+                t = (r + dr) * w + c + dc
+                if len(chosen) < m and 0 <= r + dr < h and 0 <= c + dc < w and t < nv and t not in chosen:
+                    chosen.append(t)
+        chosen += [j for j in by(reg) if j not in chosen][: k - len(chosen)]
+        out.append(sorted(chosen))
+    idx = torch.full((len(ks), max(ks, default=0)), -1, dtype=torch.long)
+    for i, p in enumerate(out):
+        idx[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return idx
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_hiprune_ref_matches_python_loop(seed):
+    case = hiprune_case(seed)
+    assert torch.equal(hp.hiprune_select_ref(*case), loop_hiprune(*case))
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(10))
+def test_hiprune_triton_matches_ref(seed, no_fallback):
+    case = hiprune_case(seed)
+    got = ht.hiprune_select_triton(*case)
+    assert torch.equal(got, hp.hiprune_select_ref(*case)), (got, case[2:])
+
+
+@interpreted
+def test_hiprune_dispatcher_triton(monkeypatch):
+    case = hiprune_case(3)
+    check_dispatcher(monkeypatch, ht, "hiprune_select_triton", hp.hiprune_select, case, hp.hiprune_select_ref(*case))
+
+
+def test_hiprune_ref_errors():
+    obj = torch.rand(2, 6)
+    with pytest.raises(ValueError, match="grid 2x2"):
+        hp.hiprune_select_ref(obj, obj, [1, 1], [6, 6], [0, 0], (2, 2))
+    with pytest.raises(ValueError, match=r"\(k, count, slots\) = \[\(3, 6, 4\)\]"):
+        hp.hiprune_select_ref(obj, obj, [1, 3], [6, 6], [0, 4], (2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# visionzip_merge
+
+
+def visionzip_case(seed: int, dtype=torch.float32):
+    """G images sharing (nv, ki): attention with ties and a NaN, metric rows with duplicates (ties
+    in the similarity), nv below N, contextual shares from one token to all of ki."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = [(12, 8), (40, 24), (576, 64)][seed % 3]
+    b = 3
+    attn = torch.randint(0, 5, (b, n), generator=g).float() if seed % 2 else torch.rand(b, n, generator=g)
+    attn[0, 2] = float("nan")
+    metric = torch.randn(b, n, 6, generator=g)
+    metric[:, 1::3] = metric[:, 0:1]  # duplicates: equal similarities, the lower target wins
+    metric = torch.nn.functional.normalize(metric, dim=-1)
+    feats = (torch.randn(b, n, d, generator=g) * 3).to(dtype)
+    nv = n - seed % 4
+    ki = [1, 5, nv // 3, nv - 1][seed % 4]
+    n_ctx = [1, max(1, ki // 2), ki, max(1, ki // 7)][(seed // 4) % 4]
+    return attn, metric, feats, nv, ki, ki - n_ctx, n_ctx
+
+
+def check_merge(got, exp):
+    """Indices exactly; features to float32 rounding (members summed in another order)."""
+    assert torch.equal(got[0], exp[0]), (got[0], exp[0])
+    assert got[1].dtype == exp[1].dtype
+    tol = 1e-6 if exp[1].dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[1].float(), exp[1].float(), rtol=tol, atol=tol)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(12))
+def test_visionzip_triton_matches_ref(seed, no_fallback):
+    case = visionzip_case(seed, torch.bfloat16 if seed % 5 == 4 else torch.float32)
+    got = gt.visionzip_merge_triton(*case)
+    exp = mg.visionzip_merge_ref(*case)
+    check_merge(got, exp)
+    # the dominant tokens (the top n_dom by attention) are plain copies: bit-identical to their features
+    attn, metric, feats, nv, ki, n_dom, _ = case
+    dom = mg.visionzip_merge_ref(attn, metric, feats, nv, n_dom, n_dom, 0)[0]
+    for i in range(attn.shape[0]):
+        slots = [j for j, t in enumerate(got[0][i].tolist()) if t in set(dom[i].tolist())]
+        assert len(slots) == n_dom
+        assert torch.equal(got[1][i, slots], feats[i, got[0][i, slots]])
+
+
+@interpreted
+def test_visionzip_dispatcher_triton(monkeypatch):
+    case = visionzip_case(5)
+    calls = []
+    real = gt.visionzip_merge_triton
+    monkeypatch.setattr(gt, "visionzip_merge_triton", lambda *a: calls.append(1) or real(*a))
+    exp = mg.visionzip_merge_ref(*case)
+    for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):
+        monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
+        check_merge(mg.visionzip_merge(*case), exp)
+        assert len(calls) == n_calls, mode
+
+
+def test_visionzip_ref_errors():
+    attn, metric, feats = torch.rand(2, 6), torch.rand(2, 6, 3), torch.rand(2, 6, 4)
+    with pytest.raises(ValueError, match="n_dom=2, n_ctx=3"):
+        mg.visionzip_merge_ref(attn, metric, feats, 6, 4, 2, 3)
+    with pytest.raises(ValueError, match="must agree"):
+        mg.visionzip_merge_ref(attn, metric[:, :5], feats, 6, 4, 2, 2)

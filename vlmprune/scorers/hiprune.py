@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from vlmprune.kernels.select import pack, rank, to_device
+from vlmprune.kernels.hiprune import hiprune_select
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -15,7 +15,6 @@ from vlmprune.scorers.cls_attention import (
     budget,
     check_int,
     check_number,
-    valid_mask,
 )
 
 
@@ -72,50 +71,8 @@ class HiPruneScorer(Scorer):
         obj_layer, reg_layer = self._layers(signals.info)
         obj = attention(signals, obj_layer, self.name)
         reg = attention(signals, reg_layer, self.name).to(obj.device)
-        device = obj.device
-        n = obj.shape[1]
-        h, w = signals.grid
-        if h * w != n:
-            raise ValueError(f"{self.name}: grid {h}x{w} does not cover the {n} visual tokens")
         counts = signals.valid_counts()
         ks = budget(k, counts)
-        valid = valid_mask(signals.n_valid, n, device)
-        # per image, on the host: slots m for anchors + buffers, ceil(m / 5) anchors; full rows keep all
-        full = [ki >= nv for ki, nv in zip(ks, counts)]
-        m = [0 if f else min(ki, math.floor(self.alpha * ki + 0.5)) for f, ki in zip(full, ks)]
-        n_anchor = [math.ceil(mi / 5) for mi in m]
-        a = max(n_anchor, default=0)
-        chosen = torch.zeros_like(valid)
-        if a > 0:
-            anchors = rank(obj, valid)[:, :a]  # [I, A] by descending object-layer attention
-            cand, ok = self._candidates(anchors, to_device(n_anchor, device), signals.n_valid.to(device), h, w)
-            # a candidate counts if no earlier candidate is the same token; take them in order up to m
-            same = (cand[:, :, None] == cand[:, None, :]) & ok[:, None, :]
-            earlier = torch.ones(cand.shape[1], cand.shape[1], dtype=torch.bool, device=device).tril(-1)
-            new = ok & ~(same & earlier).any(-1)
-            take = new & (new.cumsum(1) <= to_device(m, device)[:, None])
-            slots = torch.zeros(valid.shape[0], n + 1, dtype=torch.bool, device=device)  # column n: not taken
-            chosen = slots.scatter(1, torch.where(take, cand, n), True)[:, :n]
-        # registers: the top `rest` of the deep layer's attention among the valid tokens not chosen
-        rest = to_device(ks, device) - chosen.sum(1)
-        order = rank(reg, valid & ~chosen)
-        keep = chosen | torch.zeros_like(chosen).scatter(1, order, torch.arange(n, device=device)[None, :] < rest[:, None])
-        keep = torch.where(to_device(full, device, torch.bool)[:, None], valid, keep)
-        return Selection(indices=pack(keep, max(ks, default=0)))
-
-    @staticmethod
-    def _candidates(anchors: torch.Tensor, n_anchor: torch.Tensor, n_valid: torch.Tensor, h: int, w: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The anchors, then each anchor's 4-neighbours (up, left, right, down) in anchor order:
-        token indices [I, 5A] and whether each is usable (a real anchor of the image, or a
-        neighbour inside the grid and among the valid tokens)."""
-        i, a = anchors.shape
-        device = anchors.device
-        is_anchor = torch.arange(a, device=device)[None, :] < n_anchor[:, None]  # [I, A]
-        r, c = anchors // w, anchors % w
-        dr = to_device([-1, 0, 0, 1], device)
-        dc = to_device([0, -1, 1, 0], device)
-        nr, nc = r[:, :, None] + dr, c[:, :, None] + dc  # [I, A, 4]
-        nb = nr * w + nc
-        nb_ok = is_anchor[:, :, None] & (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w) & (nb < n_valid[:, None, None])
-        return torch.cat([anchors, nb.flatten(1)], 1), torch.cat([is_anchor, nb_ok.flatten(1)], 1)
+        # per image, on the host: m slots for anchors + buffers (the kernel takes ceil(m / 5) anchors)
+        slots = [min(ki, math.floor(self.alpha * ki + 0.5)) for ki in ks]
+        return Selection(indices=hiprune_select(obj, reg, ks, counts, slots, signals.grid))

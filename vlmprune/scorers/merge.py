@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from vlmprune.kernels.select import gather_rows, pack, rank, to_device
+from vlmprune.kernels.merge import visionzip_merge
+from vlmprune.kernels.select import to_device
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -15,7 +16,6 @@ from vlmprune.scorers.cls_attention import (
     check_int,
     check_number,
     resolve_layer,
-    valid_mask,
 )
 
 SIMILARITIES = ("keys", "features")
@@ -100,55 +100,20 @@ class VisionZipScorer(Scorer):
         metric = torch.nn.functional.normalize(self._metric(signals, layer, n).to(device), dim=-1)
         counts = signals.valid_counts()
         ks = budget(k, counts)
-        order = rank(attn, valid_mask(signals.n_valid, n, device))
-
         groups: dict[tuple[int, int], list[int]] = {}  # images with the same (valid tokens, budget) run together
         for i, (nv, ki) in enumerate(zip(counts, ks)):
             groups.setdefault((min(nv, n), ki), []).append(i)
         if len(groups) == 1:  # the usual batch: every image at once, no regrouping
             (nv, ki), = groups
-            idx, merged = self._group(feats, metric, order, nv, ki)
-            return Selection(indices=idx, features=merged.to(feats.dtype))
+            idx, merged = visionzip_merge(attn, metric, feats, nv, ki, *split_budget(ki, self.contextual_ratio))
+            return Selection(indices=idx, features=merged)
         kmax = max(ks, default=0)
         out_idx = torch.full((len(ks), kmax), -1, dtype=torch.long, device=device)
         out_feat = torch.zeros(len(ks), kmax, feats.shape[-1], dtype=feats.dtype, device=device)
         for (nv, ki), rows in groups.items():
             sel = to_device(rows, device)
-            idx, merged = self._group(feats[sel], metric[sel], order[sel], nv, ki)
+            idx, merged = visionzip_merge(attn[sel], metric[sel], feats[sel], nv, ki,
+                                          *split_budget(ki, self.contextual_ratio))
             out_idx[sel, :ki] = idx
-            out_feat[sel, :ki] = merged.to(feats.dtype)
+            out_feat[sel, :ki] = merged
         return Selection(indices=out_idx, features=out_feat)
-
-    def _group(self, feats: torch.Tensor, metric: torch.Tensor, order: torch.Tensor, nv: int, ki: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images that share nv valid tokens and budget ki: ([G, ki] kept indices ascending, [G, ki, D]
-        float32 features, merged at the contextual targets), with no per-image step and no sync."""
-        g, n = order.shape
-        device = feats.device
-        if ki >= nv:
-            idx = torch.arange(ki, device=device).expand(g, ki)
-            return idx, feats[:, :ki].float()
-        n_dom, n_ctx = split_budget(ki, self.contextual_ratio)
-        is_dom = torch.zeros(g, n, dtype=torch.bool, device=device).scatter(1, order[:, :n_dom], True)
-        if n_ctx == 0:
-            idx = pack(is_dom, ki)
-            return idx, gather_rows(feats, idx).float()
-        n_rest = nv - n_dom
-        rest_idx = pack(~is_dom & (torch.arange(n, device=device) < nv), n_rest)  # [G, R] ascending
-        # targets: the remaining tokens at slots 0, step, 2 step, ... (n_ctx of them); the others join one
-        step = n_rest // n_ctx
-        is_target = torch.zeros(n_rest, dtype=torch.bool)
-        is_target[: step * n_ctx : step] = True
-        slots = torch.arange(n_rest)
-        targets = rest_idx[:, to_device(slots[is_target], device)]  # [G, C]
-        others = rest_idx[:, to_device(slots[~is_target], device)]  # [G, R - C]
-        sim = gather_rows(metric, others) @ gather_rows(metric, targets).transpose(1, 2)  # [G, R - C, C]
-        group = sim.argmax(dim=2)  # first maximum: lower target index
-        d = feats.shape[-1]
-        sums = gather_rows(feats, targets).float().scatter_add(1, group[..., None].expand(-1, -1, d),
-                                                              gather_rows(feats, others).float())
-        counts = torch.ones(g, n_ctx, device=device).scatter_add(1, group, torch.ones(group.shape, device=device))
-        idx = pack(is_dom.scatter(1, targets, True), ki)
-        out = gather_rows(feats, idx).float()
-        out.scatter_(1, torch.searchsorted(idx, targets)[..., None].expand(-1, -1, d), sums / counts[..., None])
-        return idx, out
