@@ -76,3 +76,49 @@ def test_attention_without_projections_is_refused():
     with pytest.raises(ValueError, match="k_proj module"):
         with vit.collect(torch.nn.ModuleList([Layer()]), Request(cls_attn=(0,))):
             pass
+
+
+def forward_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_hooks_are_installed_once_idle_outside_a_capture_and_removed():
+    model = tower("sdpa")
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # transformers installs its own output-capturing hooks at the first forward
+        model(pixel_values=pixels)
+    before = forward_hooks(model)
+    hooks = vit.SignalHooks(vit_layers(model), Request(cls_attn=(0, 3), value_norms=(1,), vision_hidden=(2,)))
+    assert forward_hooks(model) == before + 6  # q, k of layers 0 and 3; v of layer 1; layer 2's output
+    with torch.no_grad():
+        plain = model(pixel_values=pixels).last_hidden_state  # outside a capture: nothing is kept
+        assert hooks.active is None
+        with hooks.capture() as first:
+            model(pixel_values=pixels)
+        with hooks.capture() as second:
+            model(pixel_values=pixels[:1])
+        assert torch.equal(model(pixel_values=pixels).last_hidden_state, plain)
+    assert forward_hooks(model) == before + 6  # captures add no hooks
+    assert sorted(first.cls_attn) == [0, 3] and sorted(first.value_norms) == [1] and sorted(first.vision_hidden) == [2]
+    assert first.cls_attn[3].shape == (2, 17) and second.cls_attn[3].shape == (1, 17)  # one Collected per capture
+    torch.testing.assert_close(second.cls_attn[3], first.cls_attn[3][:1])
+    hooks.remove()
+    assert forward_hooks(model) == before
+
+
+def test_patched_model_keeps_its_hooks_until_unpatched():
+    import vlmprune
+    from tests.conftest import pixels as tiny_pixels, prompt, tiny_llava
+
+    model = tiny_llava("sdpa")
+    with torch.no_grad():  # transformers installs its own output-capturing hooks at the first forward
+        model(input_ids=torch.tensor([prompt(1)]), pixel_values=tiny_pixels(1))
+    before = forward_hooks(model)
+    vlmprune.patch(model, method="vtc_cls", keep=4)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt(1)]), pixel_values=tiny_pixels(1))
+        installed = forward_hooks(model)
+        model(input_ids=torch.tensor([prompt(1)]), pixel_values=tiny_pixels(1))
+    assert installed > before and forward_hooks(model) == installed
+    vlmprune.unpatch(model)
+    assert forward_hooks(model) == before

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vlmprune.adapters.base import Adapter, register_adapter
-from vlmprune.adapters.vit import Collected, collect
+from vlmprune.adapters.vit import Collected, SignalHooks
 from vlmprune.scorers.base import EncoderInfo
 
 
@@ -74,11 +74,21 @@ class LlavaAdapter(Adapter):
     def encoder_owner(self) -> torch.nn.Module:
         return self.model.model
 
+    _hooks: SignalHooks | None = None  # installed at the first encoder call, removed by uninstall()
+
     @contextlib.contextmanager
     def collecting(self, inputs: dict[str, Any]):
         off = self.cls_offset(inputs)
-        with collect(vit_layers(self.vision_tower), self.request) as got:
+        if self._hooks is None:
+            self._hooks = SignalHooks(vit_layers(self.vision_tower), self.request)
+        with self._hooks.capture() as got:
             yield lambda out: visual_rows(got, off)
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
 
     def encode_images(self, inputs: dict[str, Any]) -> Any:
         mm = inputs.get("mm_encoder_outputs") or {}

@@ -30,15 +30,31 @@ def attn_geometry(attn: nn.Module) -> tuple[int, int, float]:
     return heads, head_dim, scale
 
 
-def row_attention(query: torch.Tensor, keys: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """Head-mean softmax attention of one query over all tokens: query [..., D] (heads
-    concatenated), keys [..., T, D] -> [..., T] float32 (logits in the inputs' dtype, as SDPA
-    forms them; softmax in float32)."""
-    d = query.shape[-1] // heads
-    q = query.unflatten(-1, (heads, 1, d))  # [..., H, 1, d]
-    k = keys.unflatten(-1, (heads, d)).movedim(-3, -2)  # [..., H, T, d]
-    logits = (q @ k.transpose(-1, -2)).squeeze(-2) * scale  # [..., H, T]
-    return torch.softmax(logits, dim=-1, dtype=torch.float32).mean(-2)
+def head_mask(dim: int, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[dim, heads] 0/1: column h selects the channels of head h (heads concatenated)."""
+    key = (dim, heads, dtype, str(device))
+    if key not in _HEAD_MASKS:
+        _HEAD_MASKS[key] = torch.eye(heads, dtype=dtype).repeat_interleave(dim // heads, 0).to(device)
+    return _HEAD_MASKS[key]
+
+
+_HEAD_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def row_attention(query: torch.Tensor, keys: torch.Tensor, heads: int, scale: float,
+                  scaled: int | None = None) -> torch.Tensor:
+    """Head-mean softmax attention of one query per row over all tokens: query [P, I, D] (heads
+    concatenated), keys [P, I, T, D] -> [P, I, T] float32 (logits in the inputs' dtype, as SDPA
+    forms them, times `scale` for the first `scaled` rows, default all; softmax in float32). The
+    per-head dot products are one batched GEMM of the keys with a block-diagonal query matrix
+    [D, heads], so the keys are read once, as they lie."""
+    p, i, t, d = keys.shape
+    blocks = query.unsqueeze(-1) * head_mask(d, heads, query.dtype, query.device)  # [P, I, D, H]
+    logits = torch.bmm(keys.reshape(p * i, t, d), blocks.reshape(p * i, d, heads)).view(p, i, t, heads)
+    scaled = p if scaled is None else scaled
+    if scaled and scale != 1.0:
+        logits[:scaled].mul_(scale)
+    return torch.softmax(logits, dim=2, dtype=torch.float32).mean(-1)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, chunk: int = 1024) -> torch.Tensor:
@@ -66,80 +82,148 @@ class Collected:
     vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class _Capture:
-    """One encoder forward's projections of the requested layers, turned into `Collected` signals:
-    `keys` and `received_attn` as each layer finishes, the CLS rows and value norms of up to
-    `FLUSH_LAYERS` layers at a time (one stacked computation per signal instead of one per layer)."""
+class SignalHooks:
+    """Forward hooks on the `q_proj` / `k_proj` / `v_proj` of the requested layers (and on the
+    layers whose output is requested), installed once and idle unless `capture()` is running:
+    registering and removing ~90 hooks around every encoder call cost more than running them."""
 
-    def __init__(self, request: Request, out: Collected):
-        self.request, self.out = request, out
-        self.proj: dict[int, dict[str, torch.Tensor]] = {}  # layer -> projection name -> output
+    def __init__(self, layers: nn.ModuleList, request: Request):
+        self.request = request
+        self.plan: dict[int, tuple[tuple[str, ...], int, float]] = {}  # layer -> (projections, heads, scale)
+        self.handles: list = []
+        self.active: _Capture | None = None
+        try:
+            for idx in sorted(set().union(request.cls_attn, request.cls_value_attn, request.received_attn,
+                                          request.keys, request.value_norms)):
+                attn = layers[idx].self_attn
+                wants = projections(request, idx)
+                for name in wants:
+                    proj = getattr(attn, f"{name}_proj", None)
+                    if not isinstance(proj, nn.Module):
+                        raise ValueError(
+                            f"vlmprune: the attention of encoder layer {idx} ({type(attn).__name__}) has no {name}_proj "
+                            f"module to read {name} from; this encoder needs its own adapter"
+                        )
+                    self.handles.append(proj.register_forward_hook(self._keep(idx, name)))
+                heads, _, scale = attn_geometry(attn)
+                self.plan[idx] = (wants, heads, scale)
+            for idx in request.vision_hidden:
+                self.handles.append(layers[idx].register_forward_hook(self._output(idx)))
+        except Exception:
+            self.remove()
+            raise
+
+    def _keep(self, layer: int, name: str):
+        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+            if self.active is not None:
+                self.active.add(layer, name, output)
+
+        return hook
+
+    def _output(self, layer: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if self.active is not None:
+                out = output[0] if isinstance(output, tuple) else output
+                self.active.out.vision_hidden[layer] = out.detach()
+
+        return hook
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Within the block, running the encoder fills the returned `Collected`."""
+        if self.active is not None:
+            raise RuntimeError("vlmprune: the encoder's signal hooks are already capturing (a nested encoder call)")
+        self.active = _Capture(self)
+        try:
+            yield self.active.out
+            self.active.finish()
+        finally:
+            self.active = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def projections(request: Request, layer: int) -> tuple[str, ...]:
+    """Which of q / k / v layer `layer` must keep for `request`."""
+    need = set()
+    if layer in request.cls_attn or layer in request.received_attn:
+        need |= {"q", "k"}
+    if layer in request.keys:
+        need.add("k")
+    if layer in request.cls_value_attn or layer in request.value_norms:
+        need.add("v")
+    return tuple(sorted(need))
+
+
+class _Capture:
+    """One encoder forward's projections, turned into `Collected` signals as each layer's set is
+    complete: `keys` and `received_attn` at once, the CLS rows and value norms of up to
+    `FLUSH_LAYERS` layers at a time (one stacked computation for all of them)."""
+
+    def __init__(self, hooks: SignalHooks):
+        self.request, self.plan, self.out = hooks.request, hooks.plan, Collected()
+        self.proj: dict[int, dict[str, torch.Tensor]] = {}  # layer -> projection name -> output, until complete
         self.pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (layer, heads, scale, q/k/v)
 
-    def wants(self, layer: int) -> tuple[str, ...]:
+    def add(self, layer: int, name: str, output: torch.Tensor) -> None:
+        got = self.proj.setdefault(layer, {})
+        got[name] = output.detach() if output.requires_grad else output  # signals carry no autograd history
+        wants, heads, scale = self.plan[layer]
+        if len(got) < len(wants):
+            return
+        del self.proj[layer]
         r = self.request
-        need = set()
-        if layer in r.cls_attn or layer in r.received_attn:
-            need |= {"q", "k"}
-        if layer in r.keys:
-            need.add("k")
-        if layer in r.cls_value_attn or layer in r.value_norms:
-            need.add("v")
-        return tuple(sorted(need))
+        with torch.no_grad():
+            if layer in r.keys:
+                self.out.keys[layer] = got["k"]
+            if layer in r.received_attn:
+                self.out.received_attn[layer] = received_attention(got["q"], got["k"], heads, scale)
+        if layer in r.cls_attn or layer in r.cls_value_attn or layer in r.value_norms:
+            self.pending.append((layer, heads, scale, got))
+            if len(self.pending) >= FLUSH_LAYERS:
+                self.flush()
 
-    def keep(self, layer: int, name: str):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            self.proj.setdefault(layer, {})[name] = output.detach()  # signals never carry autograd history
-
-        return hook
-
-    def done(self, layer: int):
-        """Post-hook on the layer's attention: its q / k / v are all made by now."""
-
-        def hook(attn: nn.Module, args, output) -> None:
-            got = self.proj.pop(layer, {})
-            missing = [name for name in self.wants(layer) if name not in got]
-            if missing:
-                raise ValueError(
-                    f"vlmprune: the attention of encoder layer {layer} ({type(attn).__name__}) ran without calling "
-                    f"{[m + '_proj' for m in missing]}; this encoder needs its own adapter"
-                )
-            r = self.request
-            heads, _, scale = attn_geometry(attn)
-            with torch.no_grad():
-                if layer in r.keys:
-                    self.out.keys[layer] = got["k"]
-                if layer in r.received_attn:
-                    self.out.received_attn[layer] = received_attention(got["q"], got["k"], heads, scale)
-            if layer in r.cls_attn or layer in r.cls_value_attn or layer in r.value_norms:
-                self.pending.append((layer, heads, scale, got))
-                if len(self.pending) >= FLUSH_LAYERS:
-                    self.flush()
-
-        return hook
+    def finish(self) -> None:
+        if self.proj:
+            layer, got = next(iter(self.proj.items()))
+            missing = [name + "_proj" for name in self.plan[layer][0] if name not in got]
+            raise ValueError(
+                f"vlmprune: the attention of encoder layer {layer} ran without calling {missing}; "
+                f"this encoder needs its own adapter"
+            )
+        self.flush()
 
     @torch.no_grad()
     def flush(self) -> None:
-        """The CLS rows and value norms of the pending layers, each signal in one stacked op per
-        attention geometry (one, in any ViT)."""
+        """The CLS rows (CLS query . keys, scaled; CLS value . values, unscaled) and value norms of
+        the pending layers: per attention geometry (one, in any ViT) one stack of their keys and
+        values, one GEMM, one softmax, one norm."""
         pending, self.pending = self.pending, []
         r = self.request
-        # cls_attn: the CLS query against the keys (scaled); cls_value_attn: the CLS value against the values (unscaled)
-        for name, layers, (a, b) in (("cls_attn", r.cls_attn, "qk"), ("cls_value_attn", r.cls_value_attn, "vv")):
-            groups: dict[tuple[int, float], list[tuple[int, dict]]] = {}
-            for layer, heads, scale, got in pending:
-                if layer in layers:
-                    groups.setdefault((heads, scale if name == "cls_attn" else 1.0), []).append((layer, got))
-            for (heads, scale), group in groups.items():
-                query = stack([got[a][:, 0] for _, got in group])  # [L, I, D]
-                keys = stack([got[b] for _, got in group])  # [L, I, T, D]
-                for (layer, _), row in zip(group, row_attention(query, keys, heads, scale)):
-                    getattr(self.out, name)[layer] = row
-        group = [(layer, got) for layer, _, _, got in pending if layer in r.value_norms]
-        if group:
-            norms = torch.linalg.vector_norm(stack([got["v"] for _, got in group]), dim=-1, dtype=torch.float32)
-            for (layer, _), row in zip(group, norms):
-                self.out.value_norms[layer] = row
+        groups: dict[tuple[int, float], list[tuple[int, dict]]] = {}
+        for layer, heads, scale, got in pending:
+            groups.setdefault((heads, scale), []).append((layer, got))
+        for (heads, scale), group in groups.items():
+            scored = [(layer, got["q"][:, 0], got["k"]) for layer, got in group if layer in r.cls_attn]
+            valued = [(layer, got["v"][:, 0], got["v"]) for layer, got in group
+                      if layer in r.cls_value_attn or layer in r.value_norms]
+            rows = scored + valued
+            keys = stack([k for _, _, k in rows])  # [P, I, T, D]
+            query = stack([q for _, q, _ in rows])  # [P, I, D]
+            probs = row_attention(query, keys, heads, scale, scaled=len(scored))  # values unscaled
+            for (layer, _, _), row in zip(scored, probs[: len(scored)].unbind(0)):
+                self.out.cls_attn[layer] = row
+            for (layer, _, _), row in zip(valued, probs[len(scored):].unbind(0)):
+                if layer in r.cls_value_attn:
+                    self.out.cls_value_attn[layer] = row
+            if any(layer in r.value_norms for layer, _, _ in valued):
+                norms = torch.linalg.vector_norm(keys[len(scored):], dim=-1, dtype=torch.float32)
+                for (layer, _, _), row in zip(valued, norms.unbind(0)):
+                    if layer in r.value_norms:
+                        self.out.value_norms[layer] = row
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -147,38 +231,13 @@ def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _output_hook(idx: int, out: Collected):
-    def hook(layer: nn.Module, args, output):
-        out.vision_hidden[idx] = (output[0] if isinstance(output, tuple) else output).detach()
-
-    return hook
-
-
 @contextlib.contextmanager
 def collect(layers: nn.ModuleList, request: Request):
-    """Within the block, running the encoder fills the returned `Collected` for `request`."""
-    out = Collected()
-    capture = _Capture(request, out)
-    handles = []
-    attn_layers = set().union(
-        request.cls_attn, request.cls_value_attn, request.received_attn, request.keys, request.value_norms
-    )
+    """Within the block, running the encoder fills the returned `Collected` for `request` (hooks
+    installed for the block only; adapters keep a `SignalHooks` installed instead)."""
+    hooks = SignalHooks(layers, request)
     try:
-        for idx in sorted(attn_layers):
-            attn = layers[idx].self_attn
-            for name in capture.wants(idx):
-                proj = getattr(attn, f"{name}_proj", None)
-                if not isinstance(proj, nn.Module):
-                    raise ValueError(
-                        f"vlmprune: the attention of encoder layer {idx} ({type(attn).__name__}) has no {name}_proj "
-                        f"module to read {name} from; this encoder needs its own adapter"
-                    )
-                handles.append(proj.register_forward_hook(capture.keep(idx, name)))
-            handles.append(attn.register_forward_hook(capture.done(idx)))
-        for idx in request.vision_hidden:
-            handles.append(layers[idx].register_forward_hook(_output_hook(idx, out)))
-        yield out
-        capture.flush()
+        with hooks.capture() as out:
+            yield out
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
