@@ -45,6 +45,26 @@ def timed(fn, repeats: int, warmup: int = 3) -> float:
     return median([once(fn) for _ in range(repeats)])
 
 
+def profile(model, enc, method: str, keep: int) -> None:
+    """torch.profiler's per-op table of 10 hooked encoder calls (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profile
+
+    vlmprune.patch(model, method=method, keep=keep)
+    with torch.no_grad():
+        for _ in range(3):
+            enc()
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with run_profile(activities=activities) as prof:
+            for _ in range(10):
+                enc()
+            sync()
+    vlmprune.unpatch(model)
+    print(f"\n## profile: {method}, 10 encoder calls")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch-sizes", default="1,8")
@@ -53,6 +73,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--out", default="bench_methods.json")
     ap.add_argument("--tiny", action="store_true", help="a small random model (CPU smoke run)")
+    ap.add_argument("--profile", default="", help="comma-separated methods: print a torch.profiler table of "
+                    "their hooked encoder call at the last batch size (host and device time per op)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -98,6 +120,8 @@ def main() -> None:
                                  score_select_ms=select, overhead_ms=h - p + select, kernels_agree_with_torch=agree))
                 print(f"| {method} | {b} | {p:.2f} | {h - p:+.2f} | {select:.2f} | {h - p + select:.2f} | {agree} |",
                       flush=True)
+    for method in [m for m in args.profile.split(",") if m]:
+        profile(model, enc, method, args.keep)
     json.dump(dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__, rows=rows), open(args.out, "w"), indent=1)
 
 
