@@ -40,8 +40,10 @@ def reference(pixels: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
     return ref
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_collected_signals_equal_the_eager_attention(attn):
+@pytest.mark.parametrize("attn, flush_bytes", [("sdpa", vit.FLUSH_BYTES), ("eager", vit.FLUSH_BYTES), ("sdpa", 40_000)])
+def test_collected_signals_equal_the_eager_attention(attn, flush_bytes, monkeypatch):
+    """flush_bytes=40,000: the byte budget ends a batch every two or three layers of this tower."""
+    monkeypatch.setattr(vit, "FLUSH_BYTES", flush_bytes)
     pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     everything = tuple(range(LAYERS))
     request = Request(cls_attn=everything, cls_value_attn=everything[1:], received_attn=(0, LAYERS - 1),

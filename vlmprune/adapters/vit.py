@@ -17,9 +17,13 @@ from torch import nn
 
 from vlmprune.scorers.base import Request
 
-FLUSH_LAYERS = 8
-"""Layers whose projections are held before their rows are computed in one batch (bounds the
-extra memory to this many layers' k and v)."""
+FLUSH_LAYERS = 16
+"""Most layers whose projections are held before their rows are computed in one batch."""
+
+FLUSH_BYTES = 512 * 2**20
+"""...and most bytes of held projections (the stacked copy for the batch adds up to as much again):
+a CLIP-L encoder at batch 8 holds 9 MiB per projection and layer, so FlowCut's 22 layers of q, k,
+v take two batches, VTC-CLS's 11 layers of q, k one."""
 
 
 def attn_geometry(attn: nn.Module) -> tuple[int, int, float]:
@@ -161,12 +165,13 @@ def projections(request: Request, layer: int) -> tuple[str, ...]:
 class _Capture:
     """One encoder forward's projections, turned into `Collected` signals as each layer's set is
     complete: `keys` and `received_attn` at once, the CLS rows and value norms of up to
-    `FLUSH_LAYERS` layers at a time (one stacked computation for all of them)."""
+    `FLUSH_LAYERS` layers (`FLUSH_BYTES`) at a time (one stacked computation for all of them)."""
 
     def __init__(self, hooks: SignalHooks):
         self.request, self.plan, self.out = hooks.request, hooks.plan, Collected()
         self.proj: dict[int, dict[str, torch.Tensor]] = {}  # layer -> projection name -> output, until complete
         self.pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (layer, heads, scale, q/k/v)
+        self.held = 0  # bytes of the pending projections
 
     def add(self, layer: int, name: str, output: torch.Tensor) -> None:
         got = self.proj.setdefault(layer, {})
@@ -183,7 +188,8 @@ class _Capture:
                 self.out.received_attn[layer] = received_attention(got["q"], got["k"], heads, scale)
         if layer in r.cls_attn or layer in r.cls_value_attn or layer in r.value_norms:
             self.pending.append((layer, heads, scale, got))
-            if len(self.pending) >= FLUSH_LAYERS:
+            self.held += sum(t.numel() * t.element_size() for t in got.values())
+            if len(self.pending) >= FLUSH_LAYERS or self.held >= FLUSH_BYTES:
                 self.flush()
 
     def finish(self) -> None:
@@ -201,7 +207,7 @@ class _Capture:
         """The CLS rows (CLS query . keys, scaled; CLS value . values, unscaled) and value norms of
         the pending layers: per attention geometry (one, in any ViT) one stack of their keys and
         values, one GEMM, one softmax, one norm."""
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.held = self.pending, [], 0
         r = self.request
         groups: dict[tuple[int, float], list[tuple[int, dict]]] = {}
         for layer, heads, scale, got in pending:

@@ -3,16 +3,18 @@
 For G images that share n_valid = nv and budget ki < nv: the `n_dom` tokens of highest attention
 stay as they are (ties to the lower index, NaN lowest); of the R = nv - n_dom remaining tokens in
 ascending order, those at slots 0, step, 2 step, ... (step = R // n_ctx, n_ctx of them) are the
-targets and every other remaining token joins the target of highest cosine similarity of the
-(already normalised) `metric` rows, ties to the lower target; a target's feature becomes the
+targets and every other remaining token joins the target of highest cosine similarity of its
+`metric` row (in float32), ties to the lower target; a target's feature becomes the
 float32 mean of its own and its members' features. Returns the ki kept indices ascending and
 their features in the input dtype. ki >= nv keeps the first ki tokens unchanged.
 
 `visionzip_merge_ref` is that in torch ops (~60); `visionzip_merge` dispatches to the Triton
-path (`merge_triton.py`: one kernel for the split, the similarity argmax in torch, one kernel
-for the merge and the gather). Indices agree exactly; merged features agree to float32
-rounding (the Triton merge sums members in blocks, the reference in a scatter-add, itself
-unordered on CUDA)."""
+path (`merge_triton.py`: three kernels, for the split, the assignment and the merge). Both
+compute the same float32 formulas, in another order: the reference normalises the rows and
+multiplies them (a GEMM), the assignment kernel divides each dot product by the two norms, so a
+similarity within a few ulps of another could pick another target (random inputs and exact ties
+agree in the tests); merged features agree to float32 rounding (the Triton merge sums members in
+blocks, the reference in a scatter-add, itself unordered on CUDA)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def visionzip_merge_ref(attn: torch.Tensor, metric: torch.Tensor, feats: torch.T
     device = feats.device
     if ki >= nv:
         return keep_first(feats, ki)
+    metric = torch.nn.functional.normalize(metric.float(), dim=-1)
     valid = (torch.arange(n, device=device) < nv).expand(g, n)
     order = rank(attn, valid)
     is_dom = torch.zeros(g, n, dtype=torch.bool, device=device).scatter(1, order[:, :n_dom], True)

@@ -4,12 +4,13 @@
   (`top_mask`), a prefix sum over the remaining tokens to mark the evenly spaced targets, and
   prefix-sum compactions writing the kept indices, the targets, the other remaining tokens and,
   per kept slot, its target number (-1 for a dominant token).
-* between them, torch: the cosine similarity of every other token to every target (one batched
-  GEMM of the gathered metric rows) and its argmax;
+* `_assign_kernel`, one program per (image, block of other tokens): the cosine similarity of each
+  to every target (float32 dot products over blocks of the metric, divided by both norms) and
+  its argmax, ties to the lower target;
 * `_merge_kernel`, one program per (kept slot, block of D): a dominant slot copies its feature, a
   target slot sums its own and its members' features in float32 (members found by blocks of the
   assignment) and writes the mean in the features' dtype.
-Three launches and a GEMM instead of the reference's ~60 ops."""
+Three launches instead of the reference's ~60 ops."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from vlmprune.kernels.select_triton import _FEAT_DTYPES, order_keys, store_ascen
 
 MAX_N = 8192
 """Longest row one program holds in registers; longer rows use the torch reference."""
+
+NORM_EPS = 1e-12
+"""F.normalize's default eps, which the reference uses."""
 
 
 @triton.jit
@@ -56,6 +60,60 @@ def _split_kernel(
     kept_slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tnum = tl.cumsum(target.to(tl.int32), axis=0) - 1
     tl.store(tnum_ptr + g * ki + kept_slot, tl.where(target, tnum, -1).to(tl.int64), mask=keep)
+
+
+@triton.jit
+def _assign_kernel(
+    metric_ptr,  # [G, N, M], any float dtype
+    tgt_ptr,  # int64 [G, n_ctx]
+    oth_ptr,  # int64 [G, n_oth]
+    grp_ptr,  # int64 [G, n_oth]: target number each other token joins
+    n_ctx,
+    n_oth,
+    m,
+    s_mb,
+    s_mn,
+    s_mm,
+    EPS: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < n_oth
+    rows_o = tl.load(oth_ptr + g * n_oth + o, mask=o_ok, other=0)
+    base = metric_ptr + g * s_mb
+    best = tl.full([BLOCK_O], float("-inf"), tl.float32)
+    pick = tl.zeros([BLOCK_O], tl.int32)
+    for c0 in range(0, n_ctx, BLOCK_C):  # targets in ascending blocks: a later block wins only if strictly better
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < n_ctx
+        rows_c = tl.load(tgt_ptr + g * n_ctx + c, mask=c_ok, other=0)
+        dots = tl.zeros([BLOCK_O, BLOCK_C], tl.float32)
+        sq_o = tl.zeros([BLOCK_O], tl.float32)
+        sq_c = tl.zeros([BLOCK_C], tl.float32)
+        for start in range(0, m, BLOCK_M):
+            j = start + tl.arange(0, BLOCK_M)
+            j_ok = j < m
+            a = tl.load(base + rows_o[:, None] * s_mn + j[None, :] * s_mm, mask=o_ok[:, None] & j_ok[None, :],
+                        other=0.0).to(tl.float32)
+            b = tl.load(base + rows_c[:, None] * s_mn + j[None, :] * s_mm, mask=c_ok[:, None] & j_ok[None, :],
+                        other=0.0).to(tl.float32)
+            dots += tl.dot(a, tl.trans(b), input_precision="ieee")
+            sq_o += tl.sum(a * a, axis=1)
+            sq_c += tl.sum(b * b, axis=1)
+        # F.normalize's rule: each row divided by max(norm, eps)
+        norm_o = tl.maximum(tl.math.sqrt_rn(sq_o), EPS)
+        norm_c = tl.maximum(tl.math.sqrt_rn(sq_c), EPS)
+        sim = tl.math.div_rn(tl.math.div_rn(dots, norm_o[:, None]), norm_c[None, :])
+        sim = tl.where(c_ok[None, :], sim, float("-inf"))
+        top = tl.max(sim, axis=1)
+        first = tl.min(tl.where(sim == top[:, None], c[None, :], n_ctx), axis=1)  # ties: the lower target
+        better = top > best
+        pick = tl.where(better, first, pick)
+        best = tl.where(better, top, best)
+    tl.store(grp_ptr + g * n_oth + o, pick.to(tl.int64), mask=o_ok)
 
 
 @triton.jit
@@ -123,9 +181,13 @@ def visionzip_merge_triton(attn: torch.Tensor, metric: torch.Tensor, feats: torc
     _split_kernel[(g,)](attn, idx, tnum, targets, others, nv, n_dom, n_ctx, n_oth, (nv - n_dom) // n_ctx, ki,
                         attn.stride(0), BLOCK_N=block, num_warps=4 if block <= 1024 else 8)
     m = metric.shape[-1]
-    sim = metric.gather(1, others[..., None].expand(-1, -1, m)) @ metric.gather(
-        1, targets[..., None].expand(-1, -1, m)).transpose(1, 2)
-    group = sim.argmax(dim=2)  # [G, n_oth], first maximum: lower target number
+    group = torch.empty((g, n_oth), dtype=torch.long, device=dev)
+    if n_oth > 0:
+        block_c = min(64, max(16, triton.next_power_of_2(n_ctx)))
+        block_o = 32
+        _assign_kernel[(g, triton.cdiv(n_oth, block_o))](
+            metric, targets, others, group, n_ctx, n_oth, m, metric.stride(0), metric.stride(1), metric.stride(2),
+            EPS=NORM_EPS, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_M=32, num_warps=4)
     d = feats.shape[-1]
     out = torch.empty((g, ki, d), dtype=feats.dtype, device=dev)
     if d > 0:

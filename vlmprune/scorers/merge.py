@@ -77,10 +77,10 @@ class VisionZipScorer(Scorer):
     def _metric(self, signals: Signals, layer: int, n: int) -> torch.Tensor:
         """[I, N, *] vectors whose cosine groups the tokens."""
         if self.similarity == "features":
-            return signals.features.float()
+            return signals.features
         if layer not in signals.keys:
             raise ValueError(f"{self.name}: keys of layer {layer} are missing; got layers {sorted(signals.keys)}")
-        keys = signals.keys[layer].float()
+        keys = signals.keys[layer]
         offset = keys.shape[1] - n
         if offset not in (0, 1):
             raise ValueError(
@@ -97,7 +97,7 @@ class VisionZipScorer(Scorer):
         layer = self._layer(signals.info)
         attn = attention(signals, layer, self.name).to(device)
         n = attn.shape[1]
-        metric = torch.nn.functional.normalize(self._metric(signals, layer, n).to(device), dim=-1)
+        metric = self._metric(signals, layer, n).to(device)  # normalised where the cosine is taken
         counts = signals.valid_counts()
         ks = budget(k, counts)
         groups: dict[tuple[int, int], list[int]] = {}  # images with the same (valid tokens, budget) run together
