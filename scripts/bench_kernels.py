@@ -151,11 +151,12 @@ def flow_inputs(b, layers, n, k, gen, dev, nan: bool = False):
     return attn, sem, dens, kk, valid, FlowSchedule(rpl)
 
 
-def check_flow(flowcut_select_triton, b, layers, n, k, gen, dev) -> dict:
-    for nan in (False, True):
-        args = flow_inputs(b, layers, n, k, gen, dev, nan)
-        if not torch.equal(flowcut_select_triton(*args), flowcut_select_ref(*args)):
-            raise SystemExit(f"flowcut_select mismatch at shape {(b, layers, n, k)} nan={nan}")
+def check_exact(name: str, triton_fn, ref_fn, make, shape) -> dict:
+    """triton_fn == ref_fn bit for bit on make(False) and make(True) (plain and tie / NaN inputs)."""
+    for hard in (False, True):
+        args = make(hard)
+        if not torch.equal(triton_fn(*args), ref_fn(*args)):
+            raise SystemExit(f"{name} mismatch at shape {shape} (hard inputs: {hard})")
     return {"cases": 2, "ok": True}
 
 
@@ -171,14 +172,6 @@ def hiprune_inputs(b, h, w, k, gen, dev, ties: bool = False):
     if b > 2:
         ks[1], ks[2] = 0, n
     return obj, reg, ks, [n] * b, [min(x, int(0.1 * x + 0.5)) for x in ks], (h, w)
-
-
-def check_hiprune(hiprune_select_triton, b, h, w, k, gen, dev) -> dict:
-    for ties in (False, True):
-        args = hiprune_inputs(b, h, w, k, gen, dev, ties)
-        if not torch.equal(hiprune_select_triton(*args), hiprune_select_ref(*args)):
-            raise SystemExit(f"hiprune_select mismatch at shape {(b, h, w, k)} ties={ties}")
-    return {"cases": 2, "ok": True}
 
 
 def merge_inputs(b, n, m, d, k, gen, dev, ties: bool = False):
@@ -202,6 +195,16 @@ def check_merge(visionzip_merge_triton, b, n, m, d, k, gen, dev) -> dict:
         if worst > 0.02:
             raise SystemExit(f"visionzip_merge features differ by {worst} at shape {(b, n, m, d, k)}")
     return {"cases": 2, "ok": True, "max_abs_feature_diff": worst}
+
+
+def time_pair(results: list, name: str, triton_fn, ref_fn, args_, check: dict, row: dict, opts) -> None:
+    """Time triton_fn(*args_) and ref_fn(*args_), record the row and print it."""
+    times = {
+        "triton": bench(lambda: triton_fn(*args_), opts.warmup, opts.rep),
+        "ref": bench(lambda: ref_fn(*args_), opts.warmup, opts.rep),
+    }
+    results.append({"kernel": name, **row, "check": check, "ms": times})
+    print(f"{name} {row}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
 
 
 def main() -> None:
@@ -269,38 +272,24 @@ def main() -> None:
                   + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     for b, layers, n, k in FLOW_SHAPES[:1] if args.quick else FLOW_SHAPES:
-        check = check_flow(flowcut_select_triton, b, layers, n, k, gen, dev)
-        fargs = flow_inputs(b, layers, n, k, gen, dev)
-        times = {
-            "triton": bench(lambda: flowcut_select_triton(*fargs), args.warmup, args.rep),
-            "ref": bench(lambda: flowcut_select_ref(*fargs), args.warmup, args.rep),
-        }
-        results.append({"kernel": "flowcut_select", "batch": b, "N": n, "D": layers, "k": k, "dtype": "fp32",
-                        "check": check, "ms": times})
-        print(f"flowcut B={b} L={layers} N={n} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
+        check = check_exact("flowcut_select", flowcut_select_triton, flowcut_select_ref,
+                            lambda hard: flow_inputs(b, layers, n, k, gen, dev, hard), (b, layers, n, k))
+        time_pair(results, "flowcut_select", flowcut_select_triton, flowcut_select_ref,
+                  flow_inputs(b, layers, n, k, gen, dev), check,
+                  {"batch": b, "N": n, "D": layers, "k": k, "dtype": "fp32"}, args)
 
     for b, h, w, k in GRID_SHAPES[:1] if args.quick else GRID_SHAPES:
-        check = check_hiprune(hiprune_select_triton, b, h, w, k, gen, dev)
-        hargs = hiprune_inputs(b, h, w, k, gen, dev)
-        times = {
-            "triton": bench(lambda: hiprune_select_triton(*hargs), args.warmup, args.rep),
-            "ref": bench(lambda: hiprune_select_ref(*hargs), args.warmup, args.rep),
-        }
-        results.append({"kernel": "hiprune_select", "batch": b, "N": h * w, "D": "-", "k": k, "dtype": "fp32",
-                        "check": check, "ms": times})
-        print(f"hiprune B={b} grid={h}x{w} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
+        check = check_exact("hiprune_select", hiprune_select_triton, hiprune_select_ref,
+                            lambda hard: hiprune_inputs(b, h, w, k, gen, dev, hard), (b, h, w, k))
+        time_pair(results, "hiprune_select", hiprune_select_triton, hiprune_select_ref,
+                  hiprune_inputs(b, h, w, k, gen, dev), check,
+                  {"batch": b, "N": h * w, "D": "-", "k": k, "dtype": "fp32"}, args)
 
     for b, n, m, d, k in MERGE_SHAPES[:1] if args.quick else MERGE_SHAPES:
         check = check_merge(visionzip_merge_triton, b, n, m, d, k, gen, dev)
-        margs = merge_inputs(b, n, m, d, k, gen, dev)
-        times = {
-            "triton": bench(lambda: visionzip_merge_triton(*margs), args.warmup, args.rep),
-            "ref": bench(lambda: visionzip_merge_ref(*margs), args.warmup, args.rep),
-        }
-        results.append({"kernel": "visionzip_merge", "batch": b, "N": n, "D": d, "k": k, "dtype": "bf16",
-                        "check": check, "ms": times})
-        print(f"visionzip B={b} N={n} M={m} D={d} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()),
-              flush=True)
+        time_pair(results, "visionzip_merge", visionzip_merge_triton, visionzip_merge_ref,
+                  merge_inputs(b, n, m, d, k, gen, dev), check,
+                  {"batch": b, "N": n, "D": d, "k": k, "dtype": "bf16"}, args)
 
     lines = [
         f"GPU: {env['gpu']}, torch {env['torch']}, triton {env['triton']}; median ms (triton.testing.do_bench)",
