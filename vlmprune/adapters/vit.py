@@ -181,10 +181,10 @@ class _Capture:
             return
         del self.proj[layer]
         r = self.request
-        with torch.no_grad():
-            if layer in r.keys:
-                self.out.keys[layer] = got["k"]
-            if layer in r.received_attn:
+        if layer in r.keys:
+            self.out.keys[layer] = got["k"]
+        if layer in r.received_attn:
+            with torch.no_grad():
                 self.out.received_attn[layer] = received_attention(got["q"], got["k"], heads, scale)
         if layer in r.cls_attn or layer in r.cls_value_attn or layer in r.value_norms:
             self.pending.append((layer, heads, scale, got))

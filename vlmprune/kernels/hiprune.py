@@ -46,7 +46,8 @@ def hiprune_select_ref(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], coun
     device = obj.device
     n = obj.shape[1]
     h, w = grid
-    valid = torch.arange(n, device=device)[None, :] < to_device(counts, device)[:, None]
+    n_valid = to_device(counts, device)
+    valid = torch.arange(n, device=device)[None, :] < n_valid[:, None]
     full = [ki >= nv for ki, nv in zip(ks, counts)]
     m = [0 if f else mi for f, mi in zip(full, slots)]
     n_anchor = [math.ceil(mi / 5) for mi in m]
@@ -54,7 +55,7 @@ def hiprune_select_ref(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], coun
     chosen = torch.zeros_like(valid)
     if a > 0:
         anchors = rank(obj, valid)[:, :a]  # [I, A] by descending object-layer attention
-        cand, ok = _candidates(anchors, to_device(n_anchor, device), to_device(counts, device), h, w)
+        cand, ok = _candidates(anchors, to_device(n_anchor, device), n_valid, h, w)
         # a candidate counts if no earlier candidate is the same token; take them in order up to m
         same = (cand[:, :, None] == cand[:, None, :]) & ok[:, None, :]
         earlier = torch.ones(cand.shape[1], cand.shape[1], dtype=torch.bool, device=device).tril(-1)
