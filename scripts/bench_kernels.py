@@ -15,7 +15,10 @@ inputs (indices bit for bit, gathered rows equal), then times with `triton.testi
 * hiprune_select: `hiprune_select_triton` (one launch) vs `hiprune_select_ref` (~50 torch ops),
   the 24 x 24 grid, k = 64 with the default 6 anchor + buffer slots;
 * visionzip_merge: `visionzip_merge_triton` (split kernel, similarity GEMM, merge kernel) vs
-  `visionzip_merge_ref`, keys of CLIP-L width (1024) as the metric, k = 54 + 10.
+  `visionzip_merge_ref`, keys of CLIP-L width (1024) as the metric, k = 54 + 10;
+* attention_rows: `attention_rows_triton` (reads each layer's projections where they lie) vs
+  `attention_rows_ref` (stacks them, one GEMM), 46 rows (23 layers of CLS query and CLS
+  value; FlowCut's span is 22) and VTC-CLS's 11 at CLIP-L shapes; rows within bf16 logit rounding.
 
 Shapes: LLaVA-1.5 (N=576 tokens, D=4096, k=64, batch 1 and 8, bf16 features) and any-res
 (N=2880). Prints a markdown table and writes JSON to --out.
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlmprune.kernels.flow import FlowSchedule, flowcut_select_ref  # noqa: E402
 from vlmprune.kernels.hiprune import hiprune_select_ref  # noqa: E402
 from vlmprune.kernels.merge import visionzip_merge_ref  # noqa: E402
+from vlmprune.kernels.rows import attention_rows_ref  # noqa: E402
 from vlmprune.kernels.maxmin import maxmin_naive_ref, maxmin_select_ref  # noqa: E402
 from vlmprune.kernels.select import select_tokens_ref  # noqa: E402
 
@@ -67,6 +71,12 @@ GRID_SHAPES = [  # (batch, h, w, k): hiprune
 MERGE_SHAPES = [  # (batch, N, metric width, D, k): visionzip
     (1, 576, 1024, 4096, 64),
     (8, 576, 1024, 4096, 64),
+]
+ROWS_SHAPES = [  # (rows, batch, T, D, heads): attention_rows at CLIP-L; 46 rows = 23 layers of CLS query
+    # and CLS value (FlowCut's default span is 22 layers: 44), 11 = VTC-CLS
+    (46, 1, 577, 1024, 16),
+    (46, 8, 577, 1024, 16),
+    (11, 8, 577, 1024, 16),
 ]
 
 
@@ -197,6 +207,22 @@ def check_merge(visionzip_merge_triton, b, n, m, d, k, gen, dev) -> dict:
     return {"cases": 2, "ok": True, "max_abs_feature_diff": worst}
 
 
+def rows_inputs(p, b, t, d, heads, gen, dev):
+    """p layers' own bf16 projection tensors [b, t, d]; the last half are value rows (norms)."""
+    qs = [torch.randn(b, t, d, generator=gen, device=dev).bfloat16() for _ in range(p)]
+    ks = [torch.randn(b, t, d, generator=gen, device=dev).bfloat16() for _ in range(p)]
+    return qs, ks, heads, (d // heads) ** -0.5, p // 2, p // 2
+
+
+def check_rows(attention_rows_triton, args_) -> dict:
+    """Rows and norms within bf16 logit rounding of the reference."""
+    (gp, gn), (wp, wn) = attention_rows_triton(*args_), attention_rows_ref(*args_)
+    rows, norms = float((gp - wp).abs().max()), float((gn - wn).abs().max() / wn.abs().max())
+    if rows > 1e-2 or norms > 1e-4:
+        raise SystemExit(f"attention_rows differ: rows by {rows}, norms by {norms} (relative)")
+    return {"cases": 1, "ok": True, "max_abs_row_diff": rows, "max_rel_norm_diff": norms}
+
+
 def time_pair(results: list, name: str, triton_fn, ref_fn, args_, check: dict, row: dict, opts) -> None:
     """Time triton_fn(*args_) and ref_fn(*args_), record the row and print it."""
     times = {
@@ -213,6 +239,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
     ap.add_argument("--quick", action="store_true", help="first shape of each kernel only")
+    ap.add_argument("--only", default="", help="comma-separated kernel names to run (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA device")
@@ -222,6 +249,7 @@ def main() -> None:
     from vlmprune.kernels.hiprune_triton import hiprune_select_triton
     from vlmprune.kernels.merge_triton import visionzip_merge_triton
     from vlmprune.kernels.maxmin_triton import maxmin_select_triton
+    from vlmprune.kernels.rows_triton import attention_rows_triton
     from vlmprune.kernels.select_triton import select_tokens_triton
 
     dev = torch.device("cuda")
@@ -234,10 +262,12 @@ def main() -> None:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
     }
     results: list[dict] = []
+    only = {x for x in args.only.split(",") if x}
+    run = lambda name: not only or name in only  # noqa: E731
     sel_shapes = SELECT_SHAPES[:1] if args.quick else SELECT_SHAPES
     mm_shapes = MAXMIN_SHAPES[:1] if args.quick else MAXMIN_SHAPES
 
-    for b, n, d, k in sel_shapes:
+    for b, n, d, k in (sel_shapes if run('select_tokens') else []):
         check = check_select(select_tokens_triton, b, n, d, k, gen, dev)
         scores = torch.randn(b, n, generator=gen, device=dev)
         feats = torch.randn(b, n, d, generator=gen, device=dev).bfloat16()
@@ -252,7 +282,7 @@ def main() -> None:
                         "check": check, "ms": times})
         print(f"select_tokens B={b} N={n} D={d} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items()), flush=True)
 
-    for b, n, d, k in mm_shapes:
+    for b, n, d, k in (mm_shapes if run('maxmin_select') else []):
         naive_ok = b * k * k * n <= 8 * 288 * 288 * 2880
         check = check_maxmin(maxmin_select_triton, b, n, d, k, gen, dev, naive=b * n <= 8 * 576)
         feats = torch.randn(b, n, d, generator=gen, device=dev).bfloat16()
@@ -271,25 +301,31 @@ def main() -> None:
             print(f"maxmin {variant} B={b} N={n} D={d} k={k}: " + ", ".join(f"{a} {t:.4f} ms" for a, t in times.items())
                   + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
 
-    for b, layers, n, k in FLOW_SHAPES[:1] if args.quick else FLOW_SHAPES:
+    for b, layers, n, k in ((FLOW_SHAPES[:1] if args.quick else FLOW_SHAPES) if run('flowcut_select') else []):
         check = check_exact("flowcut_select", flowcut_select_triton, flowcut_select_ref,
                             lambda hard: flow_inputs(b, layers, n, k, gen, dev, hard), (b, layers, n, k))
         time_pair(results, "flowcut_select", flowcut_select_triton, flowcut_select_ref,
                   flow_inputs(b, layers, n, k, gen, dev), check,
                   {"batch": b, "N": n, "D": layers, "k": k, "dtype": "fp32"}, args)
 
-    for b, h, w, k in GRID_SHAPES[:1] if args.quick else GRID_SHAPES:
+    for b, h, w, k in ((GRID_SHAPES[:1] if args.quick else GRID_SHAPES) if run('hiprune_select') else []):
         check = check_exact("hiprune_select", hiprune_select_triton, hiprune_select_ref,
                             lambda hard: hiprune_inputs(b, h, w, k, gen, dev, hard), (b, h, w, k))
         time_pair(results, "hiprune_select", hiprune_select_triton, hiprune_select_ref,
                   hiprune_inputs(b, h, w, k, gen, dev), check,
                   {"batch": b, "N": h * w, "D": "-", "k": k, "dtype": "fp32"}, args)
 
-    for b, n, m, d, k in MERGE_SHAPES[:1] if args.quick else MERGE_SHAPES:
+    for b, n, m, d, k in ((MERGE_SHAPES[:1] if args.quick else MERGE_SHAPES) if run('visionzip_merge') else []):
         check = check_merge(visionzip_merge_triton, b, n, m, d, k, gen, dev)
         time_pair(results, "visionzip_merge", visionzip_merge_triton, visionzip_merge_ref,
                   merge_inputs(b, n, m, d, k, gen, dev), check,
                   {"batch": b, "N": n, "D": d, "k": k, "dtype": "bf16"}, args)
+
+    for p, b, t, d, heads in ((ROWS_SHAPES[:1] if args.quick else ROWS_SHAPES) if run('attention_rows') else []):
+        args_ = rows_inputs(p, b, t, d, heads, gen, dev)
+        time_pair(results, "attention_rows", attention_rows_triton, attention_rows_ref, args_,
+                  check_rows(attention_rows_triton, args_),
+                  {"batch": b, "N": t, "D": d, "k": f"{p} rows", "dtype": "bf16"}, args)
 
     lines = [
         f"GPU: {env['gpu']}, torch {env['torch']}, triton {env['triton']}; median ms (triton.testing.do_bench)",

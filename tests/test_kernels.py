@@ -64,13 +64,14 @@ mt = _interpreted("vlmprune.kernels.maxmin_triton") if INTERPRETED else None
 ft = _interpreted("vlmprune.kernels.flow_triton") if INTERPRETED else None
 ht = _interpreted("vlmprune.kernels.hiprune_triton") if INTERPRETED else None
 gt = _interpreted("vlmprune.kernels.merge_triton") if INTERPRETED else None
+rt = _interpreted("vlmprune.kernels.rows_triton") if INTERPRETED else None
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the Triton tests run in this process")
 def test_interpreter_checks_in_fresh_process():
     """This file's Triton tests and test_diversity.py's, in a fresh TRITON_INTERPRET=1 process."""
     here = Path(__file__).resolve()
-    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=69)
+    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=78)
 
 
 @pytest.fixture
@@ -85,6 +86,7 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(ft, "flowcut_select_ref", boom)
     monkeypatch.setattr(ht, "hiprune_select_ref", boom)
     monkeypatch.setattr(gt, "visionzip_merge_ref", boom)
+    monkeypatch.setattr(rt, "attention_rows_ref", boom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,3 +634,113 @@ def test_visionzip_ref_errors():
         mg.visionzip_merge_ref(attn, metric, feats, 6, 4, 2, 3)
     with pytest.raises(ValueError, match="must agree"):
         mg.visionzip_merge_ref(attn, metric[:, :5], feats, 6, 4, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_rows (CLS rows of many layers)
+
+
+def rows_case(seed: int, dtype: torch.dtype, p: int = 5, i: int = 3, t: int = 37, d: int = 32):
+    """p layers' query and key tensors [I, T, D] (own tensors, as the projections give them)."""
+    g = torch.Generator().manual_seed(seed)
+    queries = [torch.randn(i, t, d, generator=g).to(dtype) for _ in range(p)]
+    keys = [torch.randn(i, t, d, generator=g).mul(1 + r).to(dtype) for r in range(p)]
+    return queries, keys
+
+
+def loop_rows(queries, keys, heads, scale, scaled):
+    """Plain loops: per row, image and head, softmax over tokens of q0 . k_t (float64), head mean."""
+    out = torch.zeros(len(keys), *keys[0].shape[:2], dtype=torch.float64)
+    hd = keys[0].shape[-1] // heads
+    for p, (q, k) in enumerate(zip(queries, keys)):
+        for i in range(k.shape[0]):
+            for h in range(heads):
+                qh, kh = q[i, 0, h * hd:(h + 1) * hd].double(), k[i, :, h * hd:(h + 1) * hd].double()
+                logits = kh @ qh * (scale if p < scaled else 1.0)
+                out[p, i] += torch.softmax(logits, 0) / heads
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_rows_ref_equals_the_loops(dtype):
+    from vlmprune.kernels.rows import attention_rows_ref
+
+    queries, keys = rows_case(0, dtype)
+    probs, norms = attention_rows_ref(queries, keys, heads=4, scale=0.35, scaled=2, norms_from=3)
+    # bfloat16: logits up to ~30 here are rounded to steps of 1/8, as SDPA's would be
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=0.1)
+    torch.testing.assert_close(probs.double(), loop_rows(queries, keys, 4, 0.35, 2), **tol)
+    torch.testing.assert_close(norms, torch.stack([k.float().norm(dim=-1) for k in keys[3:]]), **tol)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed, heads, scaled, norms_from", [(0, 4, 2, 3), (1, 2, 5, None), (2, 8, 0, 0)])
+def test_attention_rows_triton_matches_ref(seed, heads, scaled, norms_from, dtype, no_fallback):
+    from vlmprune.kernels.rows import attention_rows_ref
+
+    queries, keys = rows_case(seed, dtype)
+    got, got_norms = rt.attention_rows_triton(queries, keys, heads, 0.35, scaled, norms_from)
+    exp, exp_norms = attention_rows_ref(queries, keys, heads, 0.35, scaled, norms_from)
+    # float32: the dot products are summed in another order; bfloat16: a logit may round to the
+    # neighbouring bfloat16 value
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=5e-2)
+    torch.testing.assert_close(got, exp, **tol)
+    assert got.shape == (5, 3, 37)
+    torch.testing.assert_close(got.sum(-1), torch.ones(5, 3), atol=1e-5, rtol=0)
+    if norms_from is None:
+        assert got_norms is None and exp_norms is None
+    else:
+        torch.testing.assert_close(got_norms, exp_norms, atol=1e-5, rtol=1e-5)
+        assert got_norms.shape == (5 - norms_from, 3, 37)
+
+
+@interpreted
+def test_attention_rows_triton_falls_back_for_mixed_layouts():
+    """A key tensor with another layout (a transposed view) goes to the reference, same answer."""
+    from vlmprune.kernels.rows import attention_rows_ref
+
+    queries, keys = rows_case(3, torch.float32, p=2)
+    keys[1] = keys[1].transpose(0, 1).contiguous().transpose(0, 1)
+    got, _ = rt.attention_rows_triton(queries, keys, 4, 0.5, 1)
+    exp, _ = attention_rows_ref(queries, keys, 4, 0.5, 1)
+    assert torch.equal(got, exp)
+
+
+@interpreted
+def test_attention_rows_dispatcher_triton(monkeypatch):
+    from vlmprune.kernels import rows
+
+    queries, keys = rows_case(4, torch.float32, p=3)
+    calls = []
+    real = rt.attention_rows_triton
+    monkeypatch.setattr(rt, "attention_rows_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    exp, _ = rows.attention_rows_ref(queries, keys, 4, 0.5, 2)
+    for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):
+        monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
+        got, _ = rows.attention_rows(queries, keys, 4, 0.5, 2)
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-5)
+        assert len(calls) == n_calls, mode
+
+
+@interpreted
+def test_collected_signals_triton_equal_the_eager_attention(monkeypatch, no_fallback):
+    """The ViT hooks with the rows kernel (VLMPRUNE_KERNELS=triton): the eager tower's signals."""
+    from tests.test_vit_signals import LAYERS, reference, tower
+    from vlmprune.adapters import vit
+    from vlmprune.adapters.llava import vit_layers
+    from vlmprune.scorers import Request
+
+    monkeypatch.setenv("VLMPRUNE_KERNELS", "triton")
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    every = tuple(range(LAYERS))
+    request = Request(cls_attn=every, cls_value_attn=every[1:], value_norms=every[::2])
+    model = tower("sdpa")
+    with torch.no_grad():
+        with vit.collect(vit_layers(model), request) as got:
+            model(pixel_values=pixels)
+        ref = reference(pixels)
+    for name in ("cls_attn", "cls_value_attn", "value_norms"):
+        assert sorted(getattr(got, name)) == list(getattr(request, name)), name
+        for layer, value in getattr(got, name).items():
+            torch.testing.assert_close(value, ref[name][layer], atol=1e-5, rtol=1e-4, msg=f"{name} layer {layer}")

@@ -124,3 +124,23 @@ def test_patched_model_keeps_its_hooks_until_unpatched():
     assert installed > before and forward_hooks(model) == installed
     vlmprune.unpatch(model)
     assert forward_hooks(model) == before
+
+
+def test_capture_skip_drops_the_first_tokens_of_attention_rows_only():
+    """skip=1 (LLaVA's CLS): the rows are the full rows without token 0, not a softmax over the rest."""
+    model = tower("sdpa")
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    request = Request(cls_attn=(1,), cls_value_attn=(1,), received_attn=(2,), value_norms=(1,), keys=(2,))
+    hooks = vit.SignalHooks(vit_layers(model), request)
+    with torch.no_grad():
+        with hooks.capture() as full:
+            model(pixel_values=pixels)
+        with hooks.capture(skip=1) as cut:
+            model(pixel_values=pixels)
+    hooks.remove()
+    for name in ("cls_attn", "cls_value_attn", "received_attn"):
+        layer = next(iter(getattr(request, name)))
+        assert torch.equal(getattr(cut, name)[layer], getattr(full, name)[layer][:, 1:]), name
+        assert getattr(cut, name)[layer].sum(-1).lt(1 - 1e-3).all(), name  # CLS's share is missing, not renormalised
+    assert torch.equal(cut.value_norms[1], full.value_norms[1]) and cut.value_norms[1].shape == (2, 17)
+    assert torch.equal(cut.keys[2], full.keys[2])

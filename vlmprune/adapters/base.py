@@ -18,7 +18,7 @@ from torch import nn
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
-from vlmprune.kernels.assemble import assemble_ref
+from vlmprune.kernels.assemble import assemble
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals
 
 STATE_ATTR = "_vlmprune_state"
@@ -74,10 +74,22 @@ def stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     """[len(rows), max length, ...]: per-image tensors stacked along a new first dim, zero-padded
     at the end of their first dim; one stack when all have the same shape (the common case, and
     the cheap one: per-image pads cost a launch each on the host-bound scoring path)."""
+    whole = rows[0]._base if rows else None
+    if whole is not None and unbound_from(whole, rows):
+        return whole  # the rows of one encoder batch (HF's list(features)): no copy
     if all(r.shape == rows[0].shape for r in rows):
         return torch.stack(rows)
     width = max(r.shape[0] for r in rows)
     return torch.stack([nn.functional.pad(r, (0, 0) * (r.ndim - 1) + (0, width - r.shape[0])) for r in rows])
+
+
+def unbound_from(whole: torch.Tensor, rows: list[torch.Tensor]) -> bool:
+    """Whether `rows` are whole[0], whole[1], ... in order (as `list(whole)` gives them)."""
+    if whole.ndim != rows[0].ndim + 1 or whole.shape[0] != len(rows) or whole.shape[1:] != rows[0].shape:
+        return False
+    step = whole.stride(0) * whole.element_size()
+    return all(r.shape == rows[0].shape and r.stride() == whole.stride()[1:] and r.data_ptr() == whole.data_ptr() + i * step
+               for i, r in enumerate(rows))
 
 
 @dataclass
@@ -106,7 +118,7 @@ class Adapter:
         self.stage = config.vision_stage
         self.request = self.stage.scorer.needs(self.info) if self.stage else Request()
         self.check_request(self.request)
-        self.last: list[list[torch.Tensor]] | None = None
+        self._last: list[list[torch.Tensor]] | PendingSelection | None = None
         self._signals: dict[int, tuple[weakref.ref, Recorded, int]] = {}  # id(features) -> (ref, batch, row)
         self._saved_encoder: Any = None
         for stage in config.stages:
@@ -254,35 +266,48 @@ class Adapter:
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
+        is_visual = input_ids == self.visual_token_id()
+        # read before the encoder is launched: a read waits for the device, and after the launch it
+        # would stall the host until the encoder is done instead of letting it queue scoring,
+        # assembly and the decoder behind it (nothing below waits for the device)
+        mask = inputs.get("attention_mask")
+        facts = is_visual.sum(1)
+        if mask is not None and mask.ndim == 2:  # right padding: some row ends in padding
+            facts = torch.cat([facts, (mask[:, -1] == 0).any().view(1).to(facts.dtype)])
+        facts = facts.tolist()
+        row_counts, right_padded = facts[: input_ids.shape[0]], facts[input_ids.shape[0]:] == [1]
         encoded = self.encode_images(inputs)
         feats = list(encoded.pooler_output)
         per_image = [int(f.shape[0]) for f in feats]
-        is_visual = input_ids == self.visual_token_id()
-        if int(is_visual.sum()) != sum(per_image):
+        if sum(row_counts) != sum(per_image):
             raise ValueError(
-                f"vlmprune: the prompt holds {int(is_visual.sum())} image tokens but the images give "
+                f"vlmprune: the prompt holds {sum(row_counts)} image tokens but the images give "
                 f"{sum(per_image)} visual tokens ({per_image}); check the processor output"
             )
         rest = {k: v for k, v in inputs.items() if k not in self.visual_input_names()}
         kept = [self.config.kept(n) for n in per_image]
+        rows = images_by_row(row_counts, per_image)
         if kept == per_image or self.stage is None:
-            self.last = self.split_by_row(is_visual, per_image, [torch.arange(n) for n in per_image])
+            self._last = [[torch.arange(per_image[i]) for i in row] for row in rows]
             return orig(**rest, mm_encoder_outputs={"image": encoded})
 
         signals = self.signals_for(feats)
         k = torch.tensor(kept)  # on the host: the kernels read budgets without a device sync
         idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
-        keep_visual, chosen = self.keep_mask(idx, per_image, is_visual.device)
-        self.last = self.split_by_row(is_visual, per_image, chosen)
+        self._last = PendingSelection(idx, kept, rows, self.stage.method)
+        if idx.device.type == "cpu":
+            self._last = self._last.resolve()  # the host has them anyway: check the plan at once
 
         text = self.model.get_input_embeddings()(input_ids)
-        visual = visual[idx >= 0].to(text.device, text.dtype)
-        out = assemble_ref(
+        length = input_ids.shape[1]
+        out = assemble(
             text,
             is_visual,
-            keep_visual,
-            visual,
-            attention_mask=inputs.get("attention_mask"),
+            slot_mask(idx, per_image).to(is_visual.device),
+            kept_rows(visual, kept).to(text.device, text.dtype),
+            lens=[length - c + sum(kept[i] for i in row) for c, row in zip(row_counts, rows)],
+            right_padded=right_padded,
+            attention_mask=mask,
             position_ids=inputs.get("position_ids"),
             labels=inputs.get("labels"),
             positions=self.config.positions,
@@ -304,33 +329,13 @@ class Adapter:
     def visual_input_names(self) -> tuple[str, ...]:
         return ("pixel_values", "image_sizes", "mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy")
 
-    @staticmethod
-    def keep_mask(idx: torch.Tensor, per_image: list[int], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Flat bool over every visual slot (row-major) and the kept indices of each image."""
-        idx = idx.cpu()  # one transfer: the host keeps the indices anyway (`last_selection`)
-        parts, chosen = [], []
-        for i, n in enumerate(per_image):
-            sel = idx[i][idx[i] >= 0]
-            m = torch.zeros(n, dtype=torch.bool)
-            m[sel] = True
-            parts.append(m)
-            chosen.append(sel)
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
-        return to_device(flat, device, torch.bool), chosen
-
-    @staticmethod
-    def split_by_row(is_visual: torch.Tensor, per_image: list[int], chosen: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Group per-image selections by batch row."""
-        counts = is_visual.sum(1).tolist()
-        rows, i = [], 0
-        for c in counts:
-            row = []
-            while c > 0:
-                row.append(chosen[i])
-                c -= per_image[i]
-                i += 1
-            rows.append(row)
-        return rows
+    @property
+    def last(self) -> list[list[torch.Tensor]] | None:
+        """[row][image] kept indices of the latest prefill with images, on the host; copied from
+        the device when first asked for, so that the prefill itself never waits for it."""
+        if isinstance(self._last, PendingSelection):
+            self._last = self._last.resolve()
+        return self._last
 
     def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
         """Map a decode step's unpruned-length mask and positions onto the pruned cache."""
@@ -362,6 +367,64 @@ class Adapter:
             device = state.removed.device
             inputs["position_ids"] = (torch.arange(q, device=device) + start)[None, :]
         return inputs
+
+
+def images_by_row(row_counts: list[int], per_image: list[int]) -> list[list[int]]:
+    """The images of each batch row, in order, from the row's image-token count."""
+    rows, i = [], 0
+    for c in row_counts:
+        row = []
+        while c > 0:
+            row.append(i)
+            c -= per_image[i]
+            i += 1
+        rows.append(row)
+    return rows
+
+
+def slot_mask(idx: torch.Tensor, per_image: list[int]) -> torch.Tensor:
+    """Flat bool over every visual slot (image by image) from the kept indices [I, kmax] (-1 pads),
+    without reading them on the host."""
+    n = max(per_image)
+    marks = torch.zeros(len(per_image), n + 1, dtype=torch.bool, device=idx.device)
+    marks.scatter_(1, torch.where(idx < 0, n, idx), True)  # padding marks the spare column n
+    if all(c == n for c in per_image):
+        return marks[:, :n].reshape(-1)
+    return marks.view(-1)[to_device([i * (n + 1) + j for i, c in enumerate(per_image) for j in range(c)], idx.device)]
+
+
+def kept_rows(visual: torch.Tensor, kept: list[int]) -> torch.Tensor:
+    """The first kept[i] rows of each image's [kmax, D] block, as one [sum(kept), D]."""
+    kmax = visual.shape[1]
+    flat = visual.reshape(-1, visual.shape[-1])
+    if all(c == kmax for c in kept):
+        return flat
+    return flat[to_device([i * kmax + j for i, c in enumerate(kept) for j in range(c)], visual.device)]
+
+
+@dataclass
+class PendingSelection:
+    """A prefill's kept indices still on the device, with what the host planned: each image i
+    keeps exactly kept[i] tokens. The assembly relied on it and checked each row's total on the
+    device; each image's count is checked when the indices are read."""
+
+    idx: torch.Tensor
+    kept: list[int]
+    rows: list[list[int]]
+    method: str
+
+    def resolve(self) -> list[list[torch.Tensor]]:
+        idx = self.idx.cpu()
+        chosen = []
+        for i, c in enumerate(self.kept):
+            sel = idx[i][idx[i] >= 0]
+            if sel.numel() != c or not bool((idx[i][:c] >= 0).all()):
+                raise RuntimeError(
+                    f"vlmprune: method {self.method!r} kept {sel.numel()} tokens of image {i} (indices "
+                    f"{idx[i].tolist()}); it must keep exactly {c}, the first {c} entries, -1 after"
+                )
+            chosen.append(sel)
+        return [[chosen[i] for i in row] for row in self.rows]
 
 
 _ADAPTERS: list[type[Adapter]] = []

@@ -81,8 +81,8 @@ class LlavaAdapter(Adapter):
         off = self.cls_offset(inputs)
         if self._hooks is None:
             self._hooks = SignalHooks(vit_layers(self.vision_tower), self.request)
-        with self._hooks.capture() as got:
-            yield lambda out: visual_rows(got, off)
+        with self._hooks.capture(skip=off) as got:
+            yield lambda out: signal_tables(got)
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -103,12 +103,12 @@ class LlavaAdapter(Adapter):
         )
 
 
-def visual_rows(got: Collected, offset: int) -> dict[str, dict[int, torch.Tensor]]:
-    """The batched encoder signals by name; attention rows cover the visual tokens only."""
+def signal_tables(got: Collected) -> dict[str, dict[int, torch.Tensor]]:
+    """The batched encoder signals by name (attention rows captured over the visual tokens only)."""
     return {
-        "cls_attn": {l: a[:, offset:] for l, a in got.cls_attn.items()},
-        "cls_value_attn": {l: a[:, offset:] for l, a in got.cls_value_attn.items()},
-        "received_attn": {l: a[:, offset:] for l, a in got.received_attn.items()},
+        "cls_attn": got.cls_attn,
+        "cls_value_attn": got.cls_value_attn,
+        "received_attn": got.received_attn,
         "keys": got.keys,
         "value_norms": got.value_norms,
         "vision_hidden": got.vision_hidden,

@@ -3,9 +3,9 @@
 Each requested layer's attention module makes q, k and v with its own `q_proj` / `k_proj` /
 `v_proj`: forward hooks keep those outputs (nothing is projected twice), and the rows a scorer
 asked for (the CLS query against all keys, the CLS value against all values, value norms, the
-mean received attention) are computed from them in a few batched ops over several layers at
-once, while the encoder itself keeps SDPA/FlashAttention. On the host-bound encoder of a 7B
-VLM, the number of ops the hooks launch is what they cost."""
+mean received attention) are computed from them over several layers at once
+(`vlmprune.kernels.rows`), while the encoder itself keeps SDPA/FlashAttention. On the host-bound
+encoder of a 7B VLM, the number of ops the hooks launch is much of what they cost."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmprune.kernels.rows import attention_rows
 from vlmprune.scorers.base import Request
 
-FLUSH_LAYERS = 16
-"""Most layers whose projections are held before their rows are computed in one batch."""
+FLUSH_LAYERS = 24
+"""Most layers whose projections are held before their rows are computed in one batch: every
+layer of a CLIP-L tower, since each batch costs a dozen launches on a host-bound encoder."""
 
-FLUSH_BYTES = 512 * 2**20
-"""...and most bytes of held projections (the stacked copy for the batch adds up to as much again):
-a CLIP-L encoder at batch 8 holds 9 MiB per projection and layer, so FlowCut's 22 layers of q, k,
-v take two batches, VTC-CLS's 11 layers of q, k one."""
+FLUSH_BYTES = 2**30
+"""...and most bytes of held projections (the torch reference stacks a copy of the keys and values
+on top): a CLIP-L encoder at batch 8 holds 9 MiB per projection and layer, so FlowCut's 22 layers
+of q, k, v (594 MiB) and VTC-CLS's 11 layers of q, k take one batch each at batch 8, two at 16."""
 
 
 def attn_geometry(attn: nn.Module) -> tuple[int, int, float]:
@@ -32,33 +34,6 @@ def attn_geometry(attn: nn.Module) -> tuple[int, int, float]:
     head_dim = getattr(attn, "head_dim", None) or attn.q_proj.out_features // heads
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None) or head_dim**-0.5
     return heads, head_dim, scale
-
-
-def head_mask(dim: int, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[dim, heads] 0/1: column h selects the channels of head h (heads concatenated)."""
-    key = (dim, heads, dtype, str(device))
-    if key not in _HEAD_MASKS:
-        _HEAD_MASKS[key] = torch.eye(heads, dtype=dtype).repeat_interleave(dim // heads, 0).to(device)
-    return _HEAD_MASKS[key]
-
-
-_HEAD_MASKS: dict[tuple, torch.Tensor] = {}
-
-
-def row_attention(query: torch.Tensor, keys: torch.Tensor, heads: int, scale: float,
-                  scaled: int | None = None) -> torch.Tensor:
-    """Head-mean softmax attention of one query per row over all tokens: query [P, I, D] (heads
-    concatenated), keys [P, I, T, D] -> [P, I, T] float32 (logits in the inputs' dtype, as SDPA
-    forms them, times `scale` for the first `scaled` rows, default all; softmax in float32). The
-    per-head dot products are one batched GEMM of the keys with a block-diagonal query matrix
-    [D, heads], so the keys are read once, as they lie."""
-    p, i, t, d = keys.shape
-    blocks = query.unsqueeze(-1) * head_mask(d, heads, query.dtype, query.device)  # [P, I, D, H]
-    logits = torch.bmm(keys.reshape(p * i, t, d), blocks.reshape(p * i, d, heads)).view(p, i, t, heads)
-    scaled = p if scaled is None else scaled
-    if scaled and scale != 1.0:
-        logits[:scaled].mul_(scale)
-    return torch.softmax(logits, dim=2, dtype=torch.float32).mean(-1)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, chunk: int = 1024) -> torch.Tensor:
@@ -76,7 +51,8 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: floa
 
 @dataclass
 class Collected:
-    """Per-layer signals over all encoder tokens (CLS, if any, at position 0), batched over images."""
+    """Per-layer signals, batched over images: keys, value norms and hidden states over all encoder
+    tokens (CLS, if any, at position 0); attention rows over all but the capture's `skip` first."""
 
     cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)
     cls_value_attn: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -93,7 +69,7 @@ class SignalHooks:
 
     def __init__(self, layers: nn.ModuleList, request: Request):
         self.request = request
-        self.plan: dict[int, tuple[tuple[str, ...], int, float]] = {}  # layer -> (projections, heads, scale)
+        self.plan: dict[int, LayerPlan] = {}
         self.handles: list = []
         self.active: _Capture | None = None
         try:
@@ -110,7 +86,10 @@ class SignalHooks:
                         )
                     self.handles.append(proj.register_forward_hook(self._keep(idx, name)))
                 heads, _, scale = attn_geometry(attn)
-                self.plan[idx] = (wants, heads, scale)
+                self.plan[idx] = LayerPlan(
+                    wants, heads, scale, keys=idx in request.keys, received=idx in request.received_attn,
+                    rows=idx in request.cls_attn or idx in request.cls_value_attn or idx in request.value_norms,
+                )
             for idx in request.vision_hidden:
                 self.handles.append(layers[idx].register_forward_hook(self._output(idx)))
         except Exception:
@@ -133,11 +112,12 @@ class SignalHooks:
         return hook
 
     @contextlib.contextmanager
-    def capture(self):
-        """Within the block, running the encoder fills the returned `Collected`."""
+    def capture(self, skip: int = 0):
+        """Within the block, running the encoder fills the returned `Collected`; its attention rows
+        (CLS, CLS-value, received) leave out the first `skip` tokens (softmax still over all)."""
         if self.active is not None:
             raise RuntimeError("vlmprune: the encoder's signal hooks are already capturing (a nested encoder call)")
-        self.active = _Capture(self)
+        self.active = _Capture(self, skip)
         try:
             yield self.active.out
             self.active.finish()
@@ -148,6 +128,18 @@ class SignalHooks:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one hooked layer keeps and what becomes of it, decided once at install time."""
+
+    wants: tuple[str, ...]  # projections to keep: a sub-tuple of ("k", "q", "v")
+    heads: int
+    scale: float
+    keys: bool  # its keys are a signal
+    received: bool  # its received attention is computed as soon as q and k are in
+    rows: bool  # its CLS rows / value norms wait for the next stacked batch
 
 
 def projections(request: Request, layer: int) -> tuple[str, ...]:
@@ -167,8 +159,8 @@ class _Capture:
     complete: `keys` and `received_attn` at once, the CLS rows and value norms of up to
     `FLUSH_LAYERS` layers (`FLUSH_BYTES`) at a time (one stacked computation for all of them)."""
 
-    def __init__(self, hooks: SignalHooks):
-        self.request, self.plan, self.out = hooks.request, hooks.plan, Collected()
+    def __init__(self, hooks: SignalHooks, skip: int = 0):
+        self.request, self.plan, self.out, self.skip = hooks.request, hooks.plan, Collected(), skip
         self.proj: dict[int, dict[str, torch.Tensor]] = {}  # layer -> projection name -> output, until complete
         self.pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (layer, heads, scale, q/k/v)
         self.held = 0  # bytes of the pending projections
@@ -176,26 +168,26 @@ class _Capture:
     def add(self, layer: int, name: str, output: torch.Tensor) -> None:
         got = self.proj.setdefault(layer, {})
         got[name] = output.detach() if output.requires_grad else output  # signals carry no autograd history
-        wants, heads, scale = self.plan[layer]
-        if len(got) < len(wants):
+        plan = self.plan[layer]
+        if len(got) < len(plan.wants):
             return
         del self.proj[layer]
-        r = self.request
-        if layer in r.keys:
+        if plan.keys:
             self.out.keys[layer] = got["k"]
-        if layer in r.received_attn:
+        if plan.received:
             with torch.no_grad():
-                self.out.received_attn[layer] = received_attention(got["q"], got["k"], heads, scale)
-        if layer in r.cls_attn or layer in r.cls_value_attn or layer in r.value_norms:
-            self.pending.append((layer, heads, scale, got))
-            self.held += sum(t.numel() * t.element_size() for t in got.values())
+                rows = received_attention(got["q"], got["k"], plan.heads, plan.scale)
+            self.out.received_attn[layer] = rows[:, self.skip :]
+        if plan.rows:
+            self.pending.append((layer, plan.heads, plan.scale, got))
+            self.held += output.numel() * output.element_size() * len(got)  # q, k, v are alike in size
             if len(self.pending) >= FLUSH_LAYERS or self.held >= FLUSH_BYTES:
                 self.flush()
 
     def finish(self) -> None:
         if self.proj:
             layer, got = next(iter(self.proj.items()))
-            missing = [name + "_proj" for name in self.plan[layer][0] if name not in got]
+            missing = [name + "_proj" for name in self.plan[layer].wants if name not in got]
             raise ValueError(
                 f"vlmprune: the attention of encoder layer {layer} ran without calling {missing}; "
                 f"this encoder needs its own adapter"
@@ -205,36 +197,31 @@ class _Capture:
     @torch.no_grad()
     def flush(self) -> None:
         """The CLS rows (CLS query . keys, scaled; CLS value . values, unscaled) and value norms of
-        the pending layers: per attention geometry (one, in any ViT) one stack of their keys and
-        values, one GEMM, one softmax, one norm."""
+        the pending layers: per attention geometry (one, in any ViT) one `attention_rows` call
+        over all of them (on CUDA one kernel reading the projections where they lie)."""
         pending, self.pending, self.held = self.pending, [], 0
         r = self.request
         groups: dict[tuple[int, float], list[tuple[int, dict]]] = {}
         for layer, heads, scale, got in pending:
             groups.setdefault((heads, scale), []).append((layer, got))
         for (heads, scale), group in groups.items():
-            scored = [(layer, got["q"][:, 0], got["k"]) for layer, got in group if layer in r.cls_attn]
-            valued = [(layer, got["v"][:, 0], got["v"]) for layer, got in group
+            scored = [(layer, got["q"], got["k"]) for layer, got in group if layer in r.cls_attn]
+            valued = [(layer, got["v"], got["v"]) for layer, got in group
                       if layer in r.cls_value_attn or layer in r.value_norms]
             rows = scored + valued
-            keys = stack([k for _, _, k in rows])  # [P, I, T, D]
-            query = stack([q for _, q, _ in rows])  # [P, I, D]
-            probs = row_attention(query, keys, heads, scale, scaled=len(scored))  # values unscaled
+            normed = any(layer in r.value_norms for layer, _, _ in valued)
+            probs, norms = attention_rows([q for _, q, _ in rows], [k for _, _, k in rows], heads, scale,
+                                          scaled=len(scored), norms_from=len(scored) if normed else None)
+            probs = probs[:, :, self.skip :]
             for (layer, _, _), row in zip(scored, probs[: len(scored)].unbind(0)):
                 self.out.cls_attn[layer] = row
             for (layer, _, _), row in zip(valued, probs[len(scored):].unbind(0)):
                 if layer in r.cls_value_attn:
                     self.out.cls_value_attn[layer] = row
-            if any(layer in r.value_norms for layer, _, _ in valued):
-                norms = torch.linalg.vector_norm(keys[len(scored):], dim=-1, dtype=torch.float32)
+            if normed:
                 for (layer, _, _), row in zip(valued, norms.unbind(0)):
                     if layer in r.value_norms:
                         self.out.value_norms[layer] = row
-
-
-def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, or a view for a single tensor (no copy)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 @contextlib.contextmanager

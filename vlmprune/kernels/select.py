@@ -36,6 +36,8 @@ def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
+    if t.ndim == 1 and t.numel() and bool((t == t[0]).all()):  # the usual case: one value (k, a count)
+        return torch.full(t.shape, t[0].item(), dtype=t.dtype, device=device)  # a fill: no staging copy
     return t.pin_memory().to(device, non_blocking=True)
 
 

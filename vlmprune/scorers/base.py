@@ -88,7 +88,7 @@ class Signals:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.n_valid.max()) if self.n_valid.numel() else 0
+        return max(self.valid_counts(), default=0)
 
 
 @dataclass

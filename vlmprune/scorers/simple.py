@@ -8,7 +8,8 @@ import math
 import torch
 
 from vlmprune.kernels.select import to_device
-from vlmprune.scorers.base import Scorer, Signals, register
+from vlmprune.scorers.base import Scorer, Selection, Signals, register
+from vlmprune.scorers.cls_attention import budget
 
 
 @register
@@ -62,15 +63,11 @@ class UniformScorer(Scorer):
     paper = "baseline"
 
     def select(self, signals: Signals, k: torch.Tensor):
-        from vlmprune.kernels.select import effective_k
-        from vlmprune.scorers.base import Selection
-
         h, w = signals.grid
         if h * w != signals.num_tokens:
             raise ValueError(f"uniform: grid {h}x{w} does not cover the {signals.num_tokens} visual tokens")
-        k, _ = effective_k(torch.zeros(signals.num_images, h * w), k, signals.n_valid)
-        kmax = int(k.max()) if k.numel() else 0
-        idx = torch.full((signals.num_images, kmax), -1, dtype=torch.long)
-        for i, ki in enumerate(k.tolist()):
+        ks = budget(k, signals.valid_counts())  # on the host: no device sync
+        idx = torch.full((signals.num_images, max(ks, default=0)), -1, dtype=torch.long)
+        for i, ki in enumerate(ks):
             idx[i, :ki] = strided_grid(h, w, ki)
         return Selection(indices=to_device(idx, signals.n_valid.device))
