@@ -228,3 +228,21 @@ def test_full_feature_strategy_counts_cls_token():
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits
     assert out.shape[1] == len(ids) - (N_VIS + 1 - 4)
+
+
+def test_bad_prefill_inputs_are_clear_errors_and_prune_nothing():
+    """Embeddings without ids, a mask of another shape, a token count the images do not give:
+    each a ValueError naming the values, raised before any pruning."""
+    model = tiny_llava()
+    vlmprune.patch(model, method="cls", keep=4)
+    ids = torch.tensor([prompt(1)])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="needs input_ids"):
+            model(inputs_embeds=model.get_input_embeddings()(ids), pixel_values=pixels(1))
+        n = ids.shape[1]
+        with pytest.raises(ValueError, match=rf"2-D attention_mask shaped like input_ids \(1, {n}\).*\(1, 1, {n}, {n}\)"):
+            model(input_ids=ids, attention_mask=torch.ones(1, 1, n, n, dtype=torch.long), pixel_values=pixels(1))
+        with pytest.raises(ValueError, match=rf"holds {2 * N_VIS} image tokens but the images give {N_VIS}"):
+            model(input_ids=torch.tensor([prompt(2)]), pixel_values=pixels(1))
+        model(input_ids=ids, pixel_values=pixels(1))  # the model still works after the errors
+    assert vlmprune.last_selection(model)[0][0].numel() == 4

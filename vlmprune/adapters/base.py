@@ -271,8 +271,13 @@ class Adapter:
         # would stall the host until the encoder is done instead of letting it queue scoring,
         # assembly and the decoder behind it (nothing below waits for the device)
         mask = inputs.get("attention_mask")
+        if mask is not None and mask.shape != input_ids.shape:
+            raise ValueError(
+                f"vlmprune: pruning needs a 2-D attention_mask shaped like input_ids {tuple(input_ids.shape)} "
+                f"(or none); got shape {tuple(mask.shape)}"
+            )
         facts = is_visual.sum(1)
-        if mask is not None and mask.ndim == 2:  # right padding: some row ends in padding
+        if mask is not None:  # right padding: some row ends in padding
             facts = torch.cat([facts, (mask[:, -1] == 0).any().view(1).to(facts.dtype)])
         facts = facts.tolist()
         row_counts, right_padded = facts[: input_ids.shape[0]], facts[input_ids.shape[0]:] == [1]
