@@ -180,7 +180,7 @@ class _Capture:
             self.out.received_attn[layer] = rows[:, self.skip :]
         if plan.rows:
             self.pending.append((layer, plan.heads, plan.scale, got))
-            self.held += output.numel() * output.element_size() * len(got)  # q, k, v are alike in size
+            self.held += sum(t.numel() * t.element_size() for t in got.values())
             if len(self.pending) >= FLUSH_LAYERS or self.held >= FLUSH_BYTES:
                 self.flush()
 
