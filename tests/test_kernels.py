@@ -71,7 +71,7 @@ rt = _interpreted("vlmprune.kernels.rows_triton") if INTERPRETED else None
 def test_interpreter_checks_in_fresh_process():
     """This file's Triton tests and test_diversity.py's, in a fresh TRITON_INTERPRET=1 process."""
     here = Path(__file__).resolve()
-    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=78)
+    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=86)
 
 
 @pytest.fixture
@@ -219,6 +219,22 @@ def test_select_triton_long_row(no_fallback):
     idx, out = st.select_tokens_triton(s, f, k, valid)
     exp_idx, exp_out = select_tokens_ref(s, f, k, valid)
     assert torch.equal(idx, exp_idx) and torch.equal(out, exp_out)
+
+
+@interpreted
+@pytest.mark.parametrize("n", [300, 2100])  # 4-bit digits (8 passes); 2-bit digits past 2048 tokens
+def test_select_triton_radix_digits(n, no_fallback):
+    """Scores that differ only in their last bits (a few ulps apart, ties included), of both signs
+    and around zero: the k-th largest key is found digit by digit down to the lowest."""
+    g = torch.Generator().manual_seed(n)
+    ulps = torch.randint(0, 40, (4, n), generator=g, dtype=torch.int32)
+    base = torch.tensor([1.0, -3.0, 2.0**-130, 1e30]).view(torch.int32)  # normal, negative, subnormal, large
+    s = (base[:, None] + ulps).view(torch.float32)
+    s[2, ::7] = -s[2, ::7]  # subnormals of both signs
+    k, valid = torch.tensor([1, n // 3, n - 5, n]), torch.tensor([n, n - 1, n, n // 2])
+    idx, _ = st.select_tokens_triton(s, None, k, valid)
+    assert torch.equal(idx, select_tokens_ref(s, None, k, valid)[0])
+    assert torch.equal(idx, loop_select(s, None, k, valid)[0])
 
 
 @interpreted
@@ -640,10 +656,10 @@ def test_visionzip_ref_errors():
 # attention_rows (CLS rows of many layers)
 
 
-def rows_case(seed: int, dtype: torch.dtype, p: int = 5, i: int = 3, t: int = 37, d: int = 32):
+def rows_case(seed: int, dtype: torch.dtype, p: int = 5, i: int = 3, t: int = 37, d: int = 32, gain: float = 1.0):
     """p layers' query and key tensors [I, T, D] (own tensors, as the projections give them)."""
     g = torch.Generator().manual_seed(seed)
-    queries = [torch.randn(i, t, d, generator=g).to(dtype) for _ in range(p)]
+    queries = [torch.randn(i, t, d, generator=g).mul(gain).to(dtype) for _ in range(p)]
     keys = [torch.randn(i, t, d, generator=g).mul(1 + r).to(dtype) for r in range(p)]
     return queries, keys
 
@@ -675,24 +691,31 @@ def test_attention_rows_ref_equals_the_loops(dtype):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("seed, heads, scaled, norms_from", [(0, 4, 2, 3), (1, 2, 5, None), (2, 8, 0, 0)])
-def test_attention_rows_triton_matches_ref(seed, heads, scaled, norms_from, dtype, no_fallback):
+@pytest.mark.parametrize("seed, heads, scaled, norms_from, t, d, gain", [
+    (0, 4, 2, 3, 37, 32, 1.0), (1, 2, 5, None, 37, 32, 1.0), (2, 8, 0, 0, 37, 32, 1.0),
+    # several token blocks, heads of 128 channels; logits kept small (|l| < ~4)
+    # so that a bfloat16 logit one unit off moves its probability by < 1%
+    (5, 2, 1, 1, 100, 256, 0.05),
+    (6, 32, 3, 2, 70, 128, 0.5),  # 32 heads of 4 channels each
+    (7, 16, 2, 1, 2100, 64, 0.5),  # a [T, H] block too big for one softmax program: torch's softmax
+])
+def test_attention_rows_triton_matches_ref(seed, heads, scaled, norms_from, t, d, gain, dtype, no_fallback):
     from vlmprune.kernels.rows import attention_rows_ref
 
-    queries, keys = rows_case(seed, dtype)
+    queries, keys = rows_case(seed, dtype, t=t, d=d, gain=gain)
     got, got_norms = rt.attention_rows_triton(queries, keys, heads, 0.35, scaled, norms_from)
     exp, exp_norms = attention_rows_ref(queries, keys, heads, 0.35, scaled, norms_from)
     # float32: the dot products are summed in another order; bfloat16: a logit may round to the
     # neighbouring bfloat16 value
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=5e-2)
     torch.testing.assert_close(got, exp, **tol)
-    assert got.shape == (5, 3, 37)
+    assert got.shape == (5, 3, t)
     torch.testing.assert_close(got.sum(-1), torch.ones(5, 3), atol=1e-5, rtol=0)
     if norms_from is None:
         assert got_norms is None and exp_norms is None
     else:
         torch.testing.assert_close(got_norms, exp_norms, atol=1e-5, rtol=1e-5)
-        assert got_norms.shape == (5 - norms_from, 3, 37)
+        assert got_norms.shape == (5 - norms_from, 3, t)
 
 
 @interpreted

@@ -461,3 +461,26 @@ def test_batch_equals_alone():
             assert kept(alone)[0] == kept(both)[i], name
             if both.features is not None:
                 torch.testing.assert_close(alone.features[0, : ks[i]], both.features[i, : ks[i]])
+
+
+def test_stack_rows_is_torch_stack_and_a_view_where_the_rows_lie_evenly():
+    from vlmprune.scorers.base import stack_rows
+
+    whole = torch.randn(6, 3, 9, generator=torch.Generator().manual_seed(4))
+    cases = {
+        "unbound": (list(whole), True),  # HF's list(features)
+        "sliced rows of a slice": (list(whole[1:5, :, 1:]), True),  # the flush's rows, CLS left out
+        "every other row": ([whole[i] for i in (0, 2, 4)], True),
+        "reordered": ([whole[i] for i in (2, 0, 1)], False),
+        "repeated": ([whole[1], whole[1]], False),
+        "uneven": ([whole[i] for i in (0, 1, 3)], False),
+        "other tensors": ([whole[0].clone(), whole[1].clone()], False),
+        "one row": ([whole[2]], False),
+    }
+    for name, (rows, view) in cases.items():
+        got = stack_rows(rows)
+        assert torch.equal(got, torch.stack(rows)), name
+        assert (got.data_ptr() == rows[0].data_ptr()) == view, name
+    got = stack_rows(list(whole[1:5, :, 1:]))
+    whole[2, 0, 1] = 123.0  # a view: sees the tensor it came from
+    assert got[1, 0, 0] == 123.0

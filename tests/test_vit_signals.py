@@ -81,7 +81,8 @@ def test_attention_without_projections_is_refused():
 
 
 def forward_hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+    """Forward hooks plus taps (a `forward` set on the instance, see `vit.tap`) over the modules."""
+    return sum(len(m._forward_hooks) + ("forward" in m.__dict__) for m in model.modules())
 
 
 def test_hooks_are_installed_once_idle_outside_a_capture_and_removed():
@@ -144,3 +145,20 @@ def test_capture_skip_drops_the_first_tokens_of_attention_rows_only():
         assert getattr(cut, name)[layer].sum(-1).lt(1 - 1e-3).all(), name  # CLS's share is missing, not renormalised
     assert torch.equal(cut.value_norms[1], full.value_norms[1]) and cut.value_norms[1].shape == (2, 17)
     assert torch.equal(cut.keys[2], full.keys[2])
+
+
+def test_tap_hands_over_each_output_unchanged_and_restores_the_forward():
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
+    exp, seen = lin(x), []
+    handle = vit.tap(lin, seen.append)
+    assert torch.equal(lin(x), exp) and len(seen) == 1 and torch.equal(seen[0], exp)
+    handle.remove()
+    assert "forward" not in lin.__dict__ and torch.equal(lin(x), exp) and len(seen) == 1
+    # a forward already set on the instance (accelerate's hooks do this) is wrapped, then put back
+    own = lambda t: t * 2  # noqa: E731
+    lin.forward = own
+    handle = vit.tap(lin, seen.append)
+    assert torch.equal(lin(x), x * 2) and torch.equal(seen[-1], x * 2)
+    handle.remove()
+    assert lin.forward is own

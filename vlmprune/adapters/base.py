@@ -19,7 +19,7 @@ from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
 from vlmprune.kernels.assemble import assemble
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, stack_rows
 
 STATE_ATTR = "_vlmprune_state"
 CACHE_NAMES = ("cache", "past_key_values")
@@ -73,23 +73,12 @@ def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.T
 def stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     """[len(rows), max length, ...]: per-image tensors stacked along a new first dim, zero-padded
     at the end of their first dim; one stack when all have the same shape (the common case, and
-    the cheap one: per-image pads cost a launch each on the host-bound scoring path)."""
-    whole = rows[0]._base if rows else None
-    if whole is not None and unbound_from(whole, rows):
-        return whole  # the rows of one encoder batch (HF's list(features)): no copy
+    the cheap one: per-image pads cost a launch each on the host-bound scoring path), no copy
+    when they are the rows of one encoder batch (HF's `list(features)`, see `stack_rows`)."""
     if all(r.shape == rows[0].shape for r in rows):
-        return torch.stack(rows)
+        return stack_rows(rows)
     width = max(r.shape[0] for r in rows)
     return torch.stack([nn.functional.pad(r, (0, 0) * (r.ndim - 1) + (0, width - r.shape[0])) for r in rows])
-
-
-def unbound_from(whole: torch.Tensor, rows: list[torch.Tensor]) -> bool:
-    """Whether `rows` are whole[0], whole[1], ... in order (as `list(whole)` gives them)."""
-    if whole.ndim != rows[0].ndim + 1 or whole.shape[0] != len(rows) or whole.shape[1:] != rows[0].shape:
-        return False
-    step = whole.stride(0) * whole.element_size()
-    return all(r.shape == rows[0].shape and r.stride() == whole.stride()[1:] and r.data_ptr() == whole.data_ptr() + i * step
-               for i, r in enumerate(rows))
 
 
 @dataclass

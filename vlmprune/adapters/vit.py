@@ -1,16 +1,18 @@
 """Signals from a ViT-style encoder (CLIP, SigLIP, ...) without eager attention.
 
 Each requested layer's attention module makes q, k and v with its own `q_proj` / `k_proj` /
-`v_proj`: forward hooks keep those outputs (nothing is projected twice), and the rows a scorer
+`v_proj`: taps on their forward keep those outputs (nothing is projected twice), and the rows a scorer
 asked for (the CLS query against all keys, the CLS value against all values, value norms, the
 mean received attention) are computed from them over several layers at once
 (`vlmprune.kernels.rows`), while the encoder itself keeps SDPA/FlashAttention. On the host-bound
-encoder of a 7B VLM, the number of ops the hooks launch is much of what they cost."""
+encoder of a 7B VLM, the host time of the taps and the number of ops they launch is much of what
+they cost."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -63,14 +65,16 @@ class Collected:
 
 
 class SignalHooks:
-    """Forward hooks on the `q_proj` / `k_proj` / `v_proj` of the requested layers (and on the
-    layers whose output is requested), installed once and idle unless `capture()` is running:
-    registering and removing ~90 hooks around every encoder call cost more than running them."""
+    """Taps on the `q_proj` / `k_proj` / `v_proj` of the requested layers (and on the layers whose
+    output is requested), installed once and idle unless `capture()` is running: registering and
+    removing ~90 hooks around every encoder call cost more than running them. A tap wraps the
+    module's `forward` (see `tap`) rather than registering a forward hook: on the host-bound
+    encoder, a module with hooks takes torch's slow call path, several microseconds a call."""
 
     def __init__(self, layers: nn.ModuleList, request: Request):
         self.request = request
         self.plan: dict[int, LayerPlan] = {}
-        self.handles: list = []
+        self.handles: list[Tap] = []
         self.active: _Capture | None = None
         try:
             for idx in sorted(set().union(request.cls_attn, request.cls_value_attn, request.received_attn,
@@ -84,32 +88,32 @@ class SignalHooks:
                             f"vlmprune: the attention of encoder layer {idx} ({type(attn).__name__}) has no {name}_proj "
                             f"module to read {name} from; this encoder needs its own adapter"
                         )
-                    self.handles.append(proj.register_forward_hook(self._keep(idx, name)))
+                    self.handles.append(tap(proj, self._keep(idx, name)))
                 heads, _, scale = attn_geometry(attn)
                 self.plan[idx] = LayerPlan(
                     wants, heads, scale, keys=idx in request.keys, received=idx in request.received_attn,
                     rows=idx in request.cls_attn or idx in request.cls_value_attn or idx in request.value_norms,
                 )
             for idx in request.vision_hidden:
-                self.handles.append(layers[idx].register_forward_hook(self._output(idx)))
+                self.handles.append(tap(layers[idx], self._output(idx)))
         except Exception:
             self.remove()
             raise
 
     def _keep(self, layer: int, name: str):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+        def seen(output: torch.Tensor) -> None:
             if self.active is not None:
                 self.active.add(layer, name, output)
 
-        return hook
+        return seen
 
     def _output(self, layer: int):
-        def hook(module: nn.Module, args, output) -> None:
+        def seen(output) -> None:
             if self.active is not None:
                 out = output[0] if isinstance(output, tuple) else output
                 self.active.out.vision_hidden[layer] = out.detach()
 
-        return hook
+        return seen
 
     @contextlib.contextmanager
     def capture(self, skip: int = 0):
@@ -125,9 +129,41 @@ class SignalHooks:
             self.active = None
 
     def remove(self) -> None:
-        for h in self.handles:
+        for h in reversed(self.handles):
             h.remove()
         self.handles = []
+
+
+_NO_FORWARD = object()
+
+
+class Tap:
+    """The handle of one `tap`: `remove()` puts the module's own `forward` back."""
+
+    def __init__(self, module: nn.Module, saved: object):
+        self.module, self.saved = module, saved
+
+    def remove(self) -> None:
+        if self.saved is _NO_FORWARD:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.saved
+        self.saved = None
+
+
+def tap(module: nn.Module, seen: Callable[[Any], None]) -> Tap:
+    """Make `module` hand every output of its forward to `seen` (then return it unchanged), by
+    wrapping `forward` on the instance, as accelerate's hooks do; `Tap.remove()` undoes it."""
+    saved = module.__dict__.get("forward", _NO_FORWARD)
+    forward = module.forward
+
+    def tapped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen(out)
+        return out
+
+    module.forward = tapped
+    return Tap(module, saved)
 
 
 @dataclass(frozen=True)

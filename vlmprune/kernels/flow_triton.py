@@ -93,6 +93,20 @@ def _flowcut_kernel(
     store_ascending(idx_ptr + b * s_ib, alive, kb, kmax, BLOCK_N)
 
 
+_SCHEDULES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def schedule_tensors(rpl: tuple[int | None, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 [L] layers left per cut, -1 where none; float32 [L] their square roots) on `device`,
+    made once per schedule and device: a scorer runs the same schedule at every prefill."""
+    key = (rpl, str(device))
+    if key not in _SCHEDULES:
+        steps = torch.tensor([-1 if r is None else r for r in rpl], dtype=torch.int32)
+        roots = torch.tensor([0.0 if r is None else r**0.5 for r in rpl], dtype=torch.float32)
+        _SCHEDULES[key] = (steps.to(device), roots.to(device))
+    return _SCHEDULES[key]
+
+
 def can_launch(t: torch.Tensor) -> bool:
     """CUDA tensors, or CPU tensors when this module was imported under TRITON_INTERPRET=1."""
     return t.is_cuda or (t.device.type == "cpu" and interpreted(_flowcut_kernel))
@@ -116,9 +130,8 @@ def flowcut_select_triton(attn: torch.Tensor, sem: torch.Tensor | None, dens: to
     idx = torch.empty((b, kmax), dtype=torch.long, device=dev)
     if kmax == 0:
         return idx
-    steps = torch.tensor([-1 if r is None else r for r in rpl], dtype=torch.int32)
-    roots = torch.tensor([0.0 if r is None else r**0.5 for r in rpl], dtype=torch.float32)
-    steps, roots, k_dev, valid_dev = (to_device(t, dev) for t in (steps, roots, k, valid))
+    steps, roots = schedule_tensors(rpl, dev)
+    k_dev, valid_dev = to_device(k, dev), to_device(valid, dev)
     sem_, dens_ = sem if sem is not None else attn, dens if dens is not None else attn
     block = max(16, triton.next_power_of_2(n))
     _flowcut_kernel[(b,)](

@@ -11,7 +11,8 @@ their features in the input dtype. ki >= nv keeps the first ki tokens unchanged.
 `visionzip_merge_ref` is that in torch ops (~60); `visionzip_merge` dispatches to the Triton
 path (`merge_triton.py`: three kernels, for the split, the assignment and the merge). Both
 compute the same float32 formulas, in another order: the reference normalises the rows and
-multiplies them (a GEMM), the assignment kernel divides each dot product by the two norms, so a
+takes their dot products (each summed on its own, so identical targets tie exactly, which a GEMM
+does not promise), the assignment kernel divides each dot product by the two norms, so a
 similarity within a few ulps of another could pick another target (random inputs and exact ties
 agree in the tests); merged features agree to float32 rounding (the Triton merge sums members in
 blocks, the reference in a scatter-add, itself unordered on CUDA)."""
@@ -41,6 +42,18 @@ def keep_first(feats: torch.Tensor, ki: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.arange(ki, device=feats.device).expand(g, ki), feats[:, :ki]
 
 
+def pairwise_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 2**24) -> torch.Tensor:
+    """[G, R, M] x [G, C, M] -> [G, R, C] dot products, each summed on its own (a product and a
+    row sum, R in chunks of at most `chunk_elems` products): a GEMM may round two identical
+    columns differently (seen on CPU BLAS), and identical targets must tie so that the lower wins."""
+    g, r, m = a.shape
+    c = b.shape[1]
+    if r == 0 or c == 0:
+        return a.new_zeros(g, r, c)
+    step = max(1, chunk_elems // max(1, g * c * m))
+    return torch.cat([(a[:, s : s + step, None, :] * b[:, None]).sum(-1) for s in range(0, r, step)], dim=1)
+
+
 def visionzip_merge_ref(attn: torch.Tensor, metric: torch.Tensor, feats: torch.Tensor, nv: int, ki: int, n_dom: int,
                         n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([G, ki] kept indices ascending, [G, ki, D] features at them in feats' dtype), no host sync."""
@@ -64,8 +77,7 @@ def visionzip_merge_ref(attn: torch.Tensor, metric: torch.Tensor, feats: torch.T
     slots = torch.arange(n_rest)
     targets = rest_idx[:, to_device(slots[is_target], device)]  # [G, C]
     others = rest_idx[:, to_device(slots[~is_target], device)]  # [G, R - C]
-    sim = gather_rows(metric, others) @ gather_rows(metric, targets).transpose(1, 2)  # [G, R - C, C]
-    group = sim.argmax(dim=2)  # first maximum: lower target index
+    group = pairwise_dot(gather_rows(metric, others), gather_rows(metric, targets)).argmax(dim=2)  # ties: lower target
     d = feats.shape[-1]
     sums = gather_rows(feats, targets).float().scatter_add(1, group[..., None].expand(-1, -1, d),
                                                           gather_rows(feats, others).float())

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
 from vlmprune.kernels.merge import _check, keep_first, visionzip_merge_ref
-from vlmprune.kernels.select_triton import _FEAT_DTYPES, order_keys, store_ascending, top_mask
+from vlmprune.kernels.select_triton import _FEAT_DTYPES, dot, order_keys, store_ascending, top_mask
 
 MAX_N = 8192
 """Longest row one program holds in registers; longer rows use the torch reference."""
@@ -78,6 +78,7 @@ def _assign_kernel(
     BLOCK_O: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    INTERPRETED: tl.constexpr,  # see `select_triton.dot`
 ):
     g = tl.program_id(0).to(tl.int64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -100,7 +101,7 @@ def _assign_kernel(
                         other=0.0).to(tl.float32)
             b = tl.load(base + rows_c[:, None] * s_mn + j[None, :] * s_mm, mask=c_ok[:, None] & j_ok[None, :],
                         other=0.0).to(tl.float32)
-            dots += tl.dot(a, tl.trans(b), input_precision="ieee")
+            dots = dot(a, tl.trans(b), dots, "ieee", INTERPRETED)
             sq_o += tl.sum(a * a, axis=1)
             sq_c += tl.sum(b * b, axis=1)
         # F.normalize's rule: each row divided by max(norm, eps)
@@ -187,7 +188,8 @@ def visionzip_merge_triton(attn: torch.Tensor, metric: torch.Tensor, feats: torc
         block_o = 32
         _assign_kernel[(g, triton.cdiv(n_oth, block_o))](
             metric, targets, others, group, n_ctx, n_oth, m, metric.stride(0), metric.stride(1), metric.stride(2),
-            EPS=NORM_EPS, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_M=32, num_warps=4)
+            EPS=NORM_EPS, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_M=32, INTERPRETED=interpreted(_assign_kernel),
+            num_warps=4)
     d = feats.shape[-1]
     out = torch.empty((g, ki, d), dtype=feats.dtype, device=dev)
     if d > 0:

@@ -6,8 +6,9 @@ rows. Two kernels:
 * `_select_kernel`, one program per row. Each score, read as float32, becomes an order-preserving
   uint32 key (NaN is read as -inf and -0.0 as +0.0, so that keys compare exactly like the
   reference's sort; tokens at positions >= valid get key 0, below every real key). The k-th
-  largest key T is found by a bitwise radix select: starting from the most significant bit,
-  keep bit i set in T when at least k keys are >= the candidate. No sort. Then a prefix-sum
+  largest key T is found by a radix select: from the most significant digit down, T's next digit
+  is the largest d for which at least k keys are >= the candidate (T so far with digit d), the
+  candidates of one digit counted in one reduction (4-bit digits: 8 passes). No sort. Then a prefix-sum
   compaction keeps every key > T plus the (k - #{key > T}) lowest-index keys == T, and writes
   their positions in ascending order; slots k..kmax-1 get -1. The key map and the selection
   (`order_keys`, `top_mask`) are `@triton.jit` helpers the FlowCut kernel shares.
@@ -62,24 +63,51 @@ def order_keys(x, live, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def top_mask(key, live, kb, BLOCK_N: tl.constexpr):
-    """The kb live entries with the largest keys, ties to the lower index: a bitwise radix select
-    of the kb-th largest key T (from the top bit: keep a bit of T set when at least kb keys are
-    >= the candidate; no sort), then every key > T and the lowest-index keys == T."""
+def kth_key(key, kb, BITS: tl.constexpr, DIGITS: tl.constexpr):
+    """The kb-th largest key T, BITS bits a pass from the top (DIGITS = 2^BITS): T's next digit is
+    the largest d whose candidate (T so far, digit d) still has at least kb keys >= it; all
+    DIGITS candidates of a pass are counted in one reduction, so 32 / BITS serial passes."""
+    digit = tl.arange(0, DIGITS).to(tl.uint32)
     thr = tl.full([1], 0, tl.uint32)
-    bit = tl.full([1], 0x80000000, tl.uint32)
-    for _ in range(32):
-        cand = thr | bit
+    for p in tl.static_range(32 // BITS):
+        shift = 32 - BITS * (p + 1)
+        cand = thr | (digit << shift)  # ascending; cand[0] = thr itself always has >= kb keys
         cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
-        thr = tl.where(cnt >= kb, cand, thr)
-        bit = bit >> 1
+        best = tl.sum((cnt >= kb).to(tl.int32), axis=0) - 1
+        thr = thr | (best.to(tl.uint32) << shift)
+    return thr
+
+
+@triton.jit
+def top_mask(key, live, kb, BLOCK_N: tl.constexpr):
+    """The kb live entries with the largest keys, ties to the lower index: a radix select of the
+    kb-th largest key T (`kth_key`: 4-bit digits while a [16, BLOCK_N] count fits the registers,
+    else 2-bit; no sort), then every key > T and the lowest-index keys == T."""
+    if BLOCK_N <= 2048:
+        thr = kth_key(key, kb, 4, 16)
+    else:
+        thr = kth_key(key, kb, 2, 4)
     t = tl.broadcast_to(thr, [BLOCK_N])
     above = live & (key > t)
     n_above = tl.sum(above.to(tl.int32), axis=0)
     equal = live & (key == t)
     eq_rank = tl.cumsum(equal.to(tl.int32), axis=0)
-    # (kb > 0 needs no test: with kb = 0, T ends above every key and nothing is > or == T)
+    # (kb > 0 needs no test: with kb = 0, T ends at 0xFFFFFFFF, above every key, and nothing is > or == T)
     return above | (equal & (eq_rank <= kb - n_above))
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b, float32 ([M, K] x [K, N]): exact products (any input dtype), float32 sums.
+    On the GPU `tl.dot` (on the tensor cores for 16-bit inputs; PRECISION "ieee" keeps float32
+    inputs off TF32). Under Triton's interpreter a product and a sum along K instead: there
+    `tl.dot` is numpy's matmul, which multiplies bfloat16 as raw bits and may round two equal
+    columns differently, while the kernels' ties must stay exact."""
+    if INTERPRETED:
+        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit

@@ -91,6 +91,27 @@ class Signals:
         return max(self.valid_counts(), default=0)
 
 
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(rows), but a view with no copy when the rows are views of one tensor lying
+    evenly spaced in it with one shape and layout: per-layer signal rows computed in one stacked
+    op, or the images of one encoder batch (`list(features)`); on the host-bound scoring path a
+    copy costs a launch."""
+    first = rows[0]
+    base = first._base
+    if base is not None and len(rows) > 1:
+        step = rows[1].storage_offset() - first.storage_offset()
+        if step > 0 and all(
+            r._base is base and r.shape == first.shape and r.stride() == first.stride()
+            and r.storage_offset() == first.storage_offset() + i * step
+            for i, r in enumerate(rows)
+        ):
+            size, stride = (len(rows), *first.shape), (step, *first.stride())
+            if base.shape == size and base.stride() == stride and base.storage_offset() == first.storage_offset():
+                return base  # list(base) itself
+            return first.as_strided(size, stride, first.storage_offset())
+    return torch.stack(rows)
+
+
 @dataclass
 class Selection:
     """A scorer's answer: kept indices per image (ascending, padded with -1 to the largest k)

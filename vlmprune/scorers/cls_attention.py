@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, register
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, register, stack_rows
 
 
 @register
@@ -133,4 +133,4 @@ class VtcClsScorer(Scorer):
 
     def score(self, signals: Signals) -> torch.Tensor:
         layers = self._layers(signals.info)
-        return torch.stack([attention(signals, layer, self.name) for layer in layers]).mean(0)
+        return stack_rows([attention(signals, layer, self.name) for layer in layers]).mean(0)

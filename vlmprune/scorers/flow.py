@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlmprune.kernels.flow import FlowSchedule, flowcut_select
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register, stack_rows
 from vlmprune.scorers.cls_attention import (
     attention,
     check_int,
@@ -97,23 +97,24 @@ class FlowCutScorer(Scorer):
             raise ValueError(f"{self.name}: {name} of layer {layer} is missing; got layers {sorted(table)}")
         return table[layer].float()
 
-    def _stack(self, signals: Signals, span: tuple[int, ...], device) -> tuple[torch.Tensor, ...]:
+    def _stack(self, signals: Signals, span: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """[L, I, N] float32 per-layer signals of the span: CLS attention, CLS-value attention (or
-        None) and value norms of the visual tokens (or None); gathered once, not per layer."""
-        a = torch.stack([attention(signals, layer, self.name) for layer in span]).to(device)
+        None) and value norms of the visual tokens (or None); views of the encoder's stacked rows
+        where they lie so (`stack_rows`), not copies."""
+        a = stack_rows([attention(signals, layer, self.name) for layer in span])
         n = a.shape[2]
         s = d = None
         if self.semantic_weight > 0:
-            s = torch.stack([self._get(signals.cls_value_attn, "cls_value_attn", layer) for layer in span]).to(device)
+            s = stack_rows([self._get(signals.cls_value_attn, "cls_value_attn", layer) for layer in span])
         if self.use_value_norm:
-            d = torch.stack([self._get(signals.value_norms, "value_norms", layer) for layer in span]).to(device)
+            d = stack_rows([self._get(signals.value_norms, "value_norms", layer) for layer in span])
             d = d[..., d.shape[-1] - n :]
         return a, s, d
 
     def select(self, signals: Signals, k: torch.Tensor) -> Selection:
         span = self._span(signals.info)
         end = span[-1]
-        a, s, d = self._stack(signals, span, signals.n_valid.device)
+        a, s, d = self._stack(signals, span)
         # a cut every `prune_every` layers counted back from end_layer: the layers left after it
         rpl = tuple(end - layer if (end - layer) % self.prune_every == 0 else None for layer in span)
         schedule = FlowSchedule(rpl, self.attn_weight, self.semantic_weight, self.momentum)
