@@ -475,7 +475,8 @@ def test_stack_rows_is_torch_stack_and_a_view_where_the_rows_lie_evenly():
         "repeated": ([whole[1], whole[1]], False),
         "uneven": ([whole[i] for i in (0, 1, 3)], False),
         "other tensors": ([whole[0].clone(), whole[1].clone()], False),
-        "one row": ([whole[2]], False),
+        "one row": ([whole[2]], True),
+        "one row of its own": ([whole[2].clone()], True),
     }
     for name, (rows, view) in cases.items():
         got = stack_rows(rows)

@@ -92,13 +92,15 @@ class Signals:
 
 
 def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack(rows), but a view with no copy when the rows are views of one tensor lying
-    evenly spaced in it with one shape and layout: per-layer signal rows computed in one stacked
-    op, or the images of one encoder batch (`list(features)`); on the host-bound scoring path a
-    copy costs a launch."""
+    """torch.stack(rows), but a view with no copy for one row, or when the rows are views of one
+    tensor lying evenly spaced in it with one shape and layout: per-layer signal rows computed in
+    one stacked op, or the images of one encoder batch (`list(features)`); on the host-bound
+    scoring path a copy costs a launch."""
     first = rows[0]
+    if len(rows) == 1:
+        return first.unsqueeze(0)
     base = first._base
-    if base is not None and len(rows) > 1:
+    if base is not None:
         step = rows[1].storage_offset() - first.storage_offset()
         if step > 0 and all(
             r._base is base and r.shape == first.shape and r.stride() == first.stride()
