@@ -4,6 +4,8 @@ eager-attention run of the tower: every signal kind, more layers than one stacke
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -153,6 +155,12 @@ def test_tap_hands_over_each_output_unchanged_and_restores_the_forward():
     exp, seen = lin(x), []
     handle = vit.tap(lin, seen.append)
     assert torch.equal(lin(x), exp) and len(seen) == 1 and torch.equal(seen[0], exp)
+    twin = copy.deepcopy(lin)  # a deep copy computes with its own weights, not the original's
+    with torch.no_grad():
+        twin.weight.mul_(2)
+    assert torch.equal(twin(x), x @ twin.weight.T + twin.bias) and torch.equal(lin(x), exp)
+    seen.clear()
+    lin(x)
     handle.remove()
     assert "forward" not in lin.__dict__ and torch.equal(lin(x), exp) and len(seen) == 1
     # a forward already set on the instance (accelerate's hooks do this) is wrapped, then put back

@@ -11,6 +11,7 @@ they cost."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -153,17 +154,17 @@ class Tap:
 
 def tap(module: nn.Module, seen: Callable[[Any], None]) -> Tap:
     """Make `module` hand every output of its forward to `seen` (then return it unchanged), by
-    wrapping `forward` on the instance, as accelerate's hooks do; `Tap.remove()` undoes it."""
+    setting `forward` on the instance, as accelerate's hooks do; `Tap.remove()` undoes it. The
+    new forward is a partial of the module, so a deep copy of the model runs its own weights."""
     saved = module.__dict__.get("forward", _NO_FORWARD)
-    forward = module.forward
-
-    def tapped(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        seen(out)
-        return out
-
-    module.forward = tapped
+    module.forward = functools.partial(_tapped, None if saved is _NO_FORWARD else saved, module, seen)
     return Tap(module, saved)
+
+
+def _tapped(forward: Callable | None, module: nn.Module, seen: Callable[[Any], None], *args, **kwargs):
+    out = type(module).forward(module, *args, **kwargs) if forward is None else forward(*args, **kwargs)
+    seen(out)
+    return out
 
 
 @dataclass(frozen=True)

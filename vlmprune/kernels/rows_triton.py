@@ -6,10 +6,10 @@ the encoder left them (no stacked copy of up to a GiB). It loads the block's key
 [BLOCK_T, D] tile and the query, sums their products within each head in float32 (a tl.dot
 version, and one reading (token, head) rows, were both slower on an H200), rounds the logits
 to the inputs' dtype (times `scale` for the scaled rows, rounded again, as the reference's
-in-place multiply does) and stores them as float32; the token norms come from the same tile. `_softmax_mean_kernel` then turns each (row, image)'s [T, H] logits into the
-head mean of the per-head softmax over tokens in one pass, 7x faster than torch's softmax
-over a middle dim and mean (the torch `softmax_mean` where a [T, H] block is too big for one
-program)."""
+in-place multiply does) and stores them as float32; the token norms come from the same tile.
+`_softmax_mean_kernel` then turns each (row, image)'s [T, H] logits into the head mean of the
+per-head softmax over tokens in one pass, 7x faster on an H200 than torch's softmax over a
+middle dim and mean (which still runs where a [T, H] block is too big for one program)."""
 
 from __future__ import annotations
 
