@@ -485,3 +485,28 @@ def test_stack_rows_is_torch_stack_and_a_view_where_the_rows_lie_evenly():
     got = stack_rows(list(whole[1:5, :, 1:]))
     whole[2, 0, 1] = 123.0  # a view: sees the tensor it came from
     assert got[1, 0, 0] == 123.0
+
+
+def test_layer_rows_reads_a_row_table_back_as_a_view_and_sees_entries_replaced_since():
+    from vlmprune.scorers.base import RowTable, layer_rows
+
+    whole = torch.randn(5, 3, 9, generator=torch.Generator().manual_seed(5))
+    layers = (2, 4, 6, 8, 10)
+    cases = {
+        "all": (layers, True),
+        "every other": ((2, 6, 10), True),
+        "one": ((8,), True),
+        "uneven": ((2, 4, 8), False),
+        "reordered": ((4, 2), False),
+    }
+    for name, (wanted, view) in cases.items():
+        table = RowTable(whole, layers)
+        got = layer_rows(table, wanted)
+        assert torch.equal(got, torch.stack([whole[layers.index(i)] for i in wanted])), name
+        assert (got.data_ptr() == table[wanted[0]].data_ptr() and got._base is whole) == view, name
+    table = RowTable(whole, layers)
+    table[6] = torch.zeros(3, 9)  # replaced after the fact: read as it is now, not from the stacked form
+    table[12] = torch.ones(3, 9)  # and one added
+    for wanted in (layers, (6,), (8, 10, 12)):
+        assert torch.equal(layer_rows(table, wanted), torch.stack([table[i] for i in wanted])), wanted
+    assert torch.equal(layer_rows({1: whole[0], 3: whole[2]}, (3, 1)), whole[[2, 0]])  # a plain dict

@@ -13,6 +13,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from vlmprune.adapters import vit
 from vlmprune.adapters.llava import vit_layers
 from vlmprune.scorers import Request
+from vlmprune.scorers.base import RowTable, layer_rows
 
 LAYERS, HEADS = vit.FLUSH_LAYERS + 3, 4
 
@@ -62,6 +63,11 @@ def test_collected_signals_equal_the_eager_attention(attn, flush_bytes, monkeypa
         assert sorted(table) == list(getattr(request, name)), name
         for layer, value in table.items():
             torch.testing.assert_close(value, ref[name][layer], atol=1e-5, rtol=1e-4, msg=f"{name} layer {layer}")
+        layers = sorted(table)  # read back stacked, as scorers do: the same rows
+        torch.testing.assert_close(layer_rows(table, layers), torch.stack([ref[name][i] for i in layers]),
+                                   atol=1e-5, rtol=1e-4, msg=name)
+    # one batch (the default budget): the CLS rows come as one stacked tensor, read back without a copy
+    assert isinstance(got.cls_attn, RowTable) == (flush_bytes == vit.FLUSH_BYTES)
     # nothing is left pending or held once the encoder has run
     assert got.cls_attn[LAYERS - 1].shape == (3, 17)
 

@@ -207,12 +207,12 @@ class Adapter:
         whole = found[0][0]
         in_order = len(found) == whole.size and all(b is whole and r == i for i, (b, r) in enumerate(found))
         for name in wanted:
+            if in_order:  # the recorded table itself (a `RowTable` where the hooks made one)
+                setattr(signals, name, whole.tables[name])
+                continue
+            table = getattr(signals, name)
             for layer in getattr(self.request, name):
-                table = getattr(signals, name)
-                if in_order:
-                    table[layer] = whole.tables[name][layer]
-                else:
-                    table[layer] = stack_padded([b.tables[name][layer][r] for b, r in found])
+                table[layer] = stack_padded([b.tables[name][layer][r] for b, r in found])
         return signals
 
     # --- shared -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vlmprune.kernels.rows import attention_rows
-from vlmprune.scorers.base import Request
+from vlmprune.scorers.base import Request, RowTable
 
 FLUSH_LAYERS = 24
 """Most layers whose projections are held before their rows are computed in one batch: every
@@ -250,15 +250,21 @@ class _Capture:
             probs, norms = attention_rows([q for _, q, _ in rows], [k for _, _, k in rows], heads, scale,
                                           scaled=len(scored), norms_from=len(scored) if normed else None)
             probs = probs[:, :, self.skip :]
-            for (layer, _, _), row in zip(scored, probs[: len(scored)].unbind(0)):
-                self.out.cls_attn[layer] = row
-            for (layer, _, _), row in zip(valued, probs[len(scored):].unbind(0)):
-                if layer in r.cls_value_attn:
-                    self.out.cls_value_attn[layer] = row
+            self._put("cls_attn", probs[: len(scored)], [layer for layer, _, _ in scored])
+            self._put("cls_value_attn", probs[len(scored) :], [layer for layer, _, _ in valued])
             if normed:
-                for (layer, _, _), row in zip(valued, norms.unbind(0)):
-                    if layer in r.value_norms:
-                        self.out.value_norms[layer] = row
+                self._put("value_norms", norms, [layer for layer, _, _ in valued])
+
+    def _put(self, name: str, stack: torch.Tensor, layers: list[int]) -> None:
+        """The requested ones of `stack`'s rows (one per layer of `layers`) into the `name` table:
+        as a `RowTable` (scorers read it back stacked, see `layer_rows`) when they are all
+        requested and the table's first batch, else entry by entry."""
+        wanted = getattr(self.request, name)
+        table = getattr(self.out, name)
+        if layers and not table and all(layer in wanted for layer in layers):
+            setattr(self.out, name, RowTable(stack, layers))
+            return
+        table.update((layer, row) for layer, row in zip(layers, stack.unbind(0)) if layer in wanted)
 
 
 @contextlib.contextmanager

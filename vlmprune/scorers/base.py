@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -112,6 +112,33 @@ def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
                 return base  # list(base) itself
             return first.as_strided(size, stride, first.storage_offset())
     return torch.stack(rows)
+
+
+class RowTable(dict):
+    """layer -> [I, ...] rows that are the slices of one stacked [L, I, ...] tensor (`stacked`, in
+    the order of `layers`), as the encoder hooks compute them: `layer_rows` hands them back
+    stacked without checking each row's layout (on the host-bound scoring path, FlowCut's 66 rows
+    cost 0.1 ms of checks). Still a plain dict to read and to write: an entry replaced or added
+    later is found by identity, and those rows are stacked as usual."""
+
+    def __init__(self, stacked: torch.Tensor, layers: Sequence[int]):
+        self.rows = stacked.unbind(0)
+        super().__init__(zip(layers, self.rows))
+        self.stacked = stacked
+        self.position = {layer: i for i, layer in enumerate(layers)}
+
+
+def layer_rows(table: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """[len(layers), I, ...]: table[l] for l in `layers`, stacked. A slice of the table's stacked
+    form (no copy) when it is a `RowTable` still holding those rows evenly spaced, else
+    `stack_rows`. The caller checks that every layer is in the table."""
+    if isinstance(table, RowTable) and layers:
+        pos = [table.position.get(layer, -1) for layer in layers]
+        step = pos[1] - pos[0] if len(pos) > 1 else 1
+        if (pos[0] >= 0 and step > 0 and pos == list(range(pos[0], pos[0] + step * len(pos), step))
+                and all(table[layer] is table.rows[p] for layer, p in zip(layers, pos))):
+            return table.stacked[pos[0] : pos[-1] + 1 : step]
+    return stack_rows([table[layer] for layer in layers])
 
 
 @dataclass

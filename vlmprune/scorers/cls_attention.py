@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, register, stack_rows
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, layer_rows, register
 
 
 @register
@@ -79,10 +79,22 @@ def attention_request(info: EncoderInfo, layers) -> Request:
 
 def attention(signals: Signals, layer: int, method: str) -> torch.Tensor:
     """[I, N] float32 head-mean CLS attention of `layer` (received attention without CLS)."""
+    return attention_layers(signals, (layer,), method)[0]
+
+
+def attention_layers(signals: Signals, layers: tuple[int, ...], method: str) -> torch.Tensor:
+    """[len(layers), I, N] float32: `attention` of each layer, stacked (a view where the rows lie so)."""
     table, kind = (signals.cls_attn, "cls_attn") if signals.info.has_cls else (signals.received_attn, "received_attn")
-    if layer not in table:
-        raise ValueError(f"{method}: {kind} of layer {layer} is missing; got layers {sorted(table)}")
-    return table[layer].float()
+    return signal_layers(table, kind, layers, method)
+
+
+def signal_layers(table: dict[int, torch.Tensor], kind: str, layers: tuple[int, ...], method: str) -> torch.Tensor:
+    """[len(layers), I, ...] float32 rows of a signal table (`layer_rows`); a clear error naming
+    the first missing layer."""
+    for layer in layers:
+        if layer not in table:
+            raise ValueError(f"{method}: {kind} of layer {layer} is missing; got layers {sorted(table)}")
+    return layer_rows(table, layers).float()
 
 
 def valid_mask(n_valid: torch.Tensor, n: int, device) -> torch.Tensor:
@@ -133,4 +145,4 @@ class VtcClsScorer(Scorer):
 
     def score(self, signals: Signals) -> torch.Tensor:
         layers = self._layers(signals.info)
-        return stack_rows([attention(signals, layer, self.name) for layer in layers]).mean(0)
+        return attention_layers(signals, layers, self.name).mean(0)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from vlmprune.kernels.flow import FlowSchedule, flowcut_select
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register, stack_rows
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
 from vlmprune.scorers.cls_attention import (
-    attention,
+    attention_layers,
     check_int,
     check_number,
     resolve_layer,
+    signal_layers,
 )
 
 
@@ -92,22 +93,17 @@ class FlowCutScorer(Scorer):
             value_norms=span if self.use_value_norm else (),
         )
 
-    def _get(self, table: dict, name: str, layer: int) -> torch.Tensor:
-        if layer not in table:
-            raise ValueError(f"{self.name}: {name} of layer {layer} is missing; got layers {sorted(table)}")
-        return table[layer].float()
-
     def _stack(self, signals: Signals, span: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """[L, I, N] float32 per-layer signals of the span: CLS attention, CLS-value attention (or
         None) and value norms of the visual tokens (or None); views of the encoder's stacked rows
-        where they lie so (`stack_rows`), not copies."""
-        a = stack_rows([attention(signals, layer, self.name) for layer in span])
+        where they lie so (`layer_rows`), not copies."""
+        a = attention_layers(signals, span, self.name)
         n = a.shape[2]
         s = d = None
         if self.semantic_weight > 0:
-            s = stack_rows([self._get(signals.cls_value_attn, "cls_value_attn", layer) for layer in span])
+            s = signal_layers(signals.cls_value_attn, "cls_value_attn", span, self.name)
         if self.use_value_norm:
-            d = stack_rows([self._get(signals.value_norms, "value_norms", layer) for layer in span])
+            d = signal_layers(signals.value_norms, "value_norms", span, self.name)
             d = d[..., d.shape[-1] - n :]
         return a, s, d
 
