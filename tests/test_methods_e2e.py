@@ -52,3 +52,25 @@ def test_method_batched_generate_equals_rows_alone(method):
     model = tiny_llava(seed=4)
     vlmprune.patch(model, method=method, keep=5)
     assert_generate_batch_equals_rows(model, [2, 0, 1], seed=15, new_tokens=4)
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_selection_pads_ragged_budgets_with_zeros_and_gathers_full_ones(method):
+    """Budgets [4, 1]: image 1's row ends in -1 indices with zero features; equal budgets [3, 3]
+    leave nothing to mask (the gather then skips it). Kept slots hold the features at the kept
+    indices (merging methods: their own features)."""
+    model = tiny_llava(seed=3)
+    pv = pixels(2, seed=14)
+    vlmprune.patch(model, method=method, keep=4)
+    adapter = model._vlmprune_adapter
+    merging = method == "visionzip"
+    with torch.no_grad():
+        enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
+        signals = adapter.signals_for(enc)
+        for budgets in ([4, 1], [3, 3]):
+            idx, out = run_scorer(adapter.stage.scorer, signals, signals.features, torch.tensor(budgets))
+            assert idx.shape == (2, max(budgets)) and out.shape == (2, max(budgets), signals.features.shape[-1])
+            for i, n in enumerate(budgets):
+                assert (idx[i, :n] >= 0).all() and (idx[i, n:] == -1).all(), (budgets, idx)
+                assert (out[i, n:] == 0).all()
+                assert merging or torch.equal(out[i, :n], signals.features[i, idx[i, :n]])

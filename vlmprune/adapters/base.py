@@ -66,8 +66,12 @@ def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.T
         valid = signals.n_valid if signals.counts is None else torch.tensor(signals.counts)
         return select_tokens(scores, feats, k, valid)
     sel = scorer.select(signals, k)
-    out = sel.features if sel.features is not None else gather_rows(feats, sel.indices)
-    return sel.indices, out
+    if sel.features is not None:
+        return sel.indices, sel.features
+    width, counts = sel.indices.shape[1], signals.counts
+    full = counts is not None and k.device.type == "cpu" and all(
+        min(max(a, 0), c) == width for a, c in zip(k.tolist(), counts))  # no row padded with -1
+    return sel.indices, gather_rows(feats, sel.indices, padded=not full)
 
 
 def stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:

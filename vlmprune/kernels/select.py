@@ -36,16 +36,18 @@ def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    if t.ndim == 1 and t.numel() and bool((t == t[0]).all()):  # the usual case: one value (k, a count)
-        return torch.full(t.shape, t[0].item(), dtype=t.dtype, device=device)  # a fill: no staging copy
+    row = t.tolist() if t.ndim == 1 else []
+    if row and row.count(row[0]) == len(row):  # the usual case: one value (k, a count)
+        return torch.full(t.shape, row[0], dtype=t.dtype, device=device)  # a fill: no staging copy
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def gather_rows(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """feats[b, idx[b, j]] with zeros where idx is -1 (padding)."""
-    safe = idx.clamp(min=0)
+def gather_rows(feats: torch.Tensor, idx: torch.Tensor, padded: bool = True) -> torch.Tensor:
+    """feats[b, idx[b, j]] with zeros where idx is -1 (padding); `padded=False` promises there is
+    none (every row full, known on the host), which saves three launches."""
+    safe = idx.clamp(min=0) if padded else idx
     out = torch.gather(feats, 1, safe.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-    return out.masked_fill((idx < 0).unsqueeze(-1), 0)
+    return out.masked_fill((idx < 0).unsqueeze(-1), 0) if padded else out
 
 
 def rank(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

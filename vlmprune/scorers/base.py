@@ -4,6 +4,8 @@ hands over (`Signals`), the `Scorer` base class and the name registry."""
 from __future__ import annotations
 
 import inspect
+import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -133,11 +135,12 @@ def layer_rows(table: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.T
     form (no copy) when it is a `RowTable` still holding those rows evenly spaced, else
     `stack_rows`. The caller checks that every layer is in the table."""
     if isinstance(table, RowTable) and layers:
-        pos = [table.position.get(layer, -1) for layer in layers]
+        pos = list(map(table.position.get, layers, itertools.repeat(-1, len(layers))))
         step = pos[1] - pos[0] if len(pos) > 1 else 1
+        span = slice(pos[0], pos[-1] + 1, step)
         if (pos[0] >= 0 and step > 0 and pos == list(range(pos[0], pos[0] + step * len(pos), step))
-                and all(table[layer] is table.rows[p] for layer, p in zip(layers, pos))):
-            return table.stacked[pos[0] : pos[-1] + 1 : step]
+                and all(map(operator.is_, map(table.__getitem__, layers), table.rows[span]))):
+            return table.stacked[span]
     return stack_rows([table[layer] for layer in layers])
 
 
