@@ -217,7 +217,7 @@ class _Capture:
             self.out.received_attn[layer] = rows[:, self.skip :]
         if plan.rows:
             self.pending.append((layer, plan.heads, plan.scale, got))
-            self.held += sum(t.numel() * t.element_size() for t in got.values())
+            self.held += sum(t.nbytes for t in got.values())
             if len(self.pending) >= FLUSH_LAYERS or self.held >= FLUSH_BYTES:
                 self.flush()
 
