@@ -250,10 +250,11 @@ class _Capture:
             probs, norms = attention_rows([q for _, q, _ in rows], [k for _, _, k in rows], heads, scale,
                                           scaled=len(scored), norms_from=len(scored) if normed else None)
             probs = probs[:, :, self.skip :]
+            valued_layers = [layer for layer, _, _ in valued]
             self._put("cls_attn", probs[: len(scored)], [layer for layer, _, _ in scored])
-            self._put("cls_value_attn", probs[len(scored) :], [layer for layer, _, _ in valued])
+            self._put("cls_value_attn", probs[len(scored) :], valued_layers)
             if normed:
-                self._put("value_norms", norms, [layer for layer, _, _ in valued])
+                self._put("value_norms", norms, valued_layers)
 
     def _put(self, name: str, stack: torch.Tensor, layers: list[int]) -> None:
         """The requested ones of `stack`'s rows (one per layer of `layers`) into the `name` table:

@@ -79,21 +79,31 @@ def attention_request(info: EncoderInfo, layers) -> Request:
 
 def attention(signals: Signals, layer: int, method: str) -> torch.Tensor:
     """[I, N] float32 head-mean CLS attention of `layer` (received attention without CLS)."""
-    return attention_layers(signals, (layer,), method)[0]
+    table, kind = attention_table(signals)
+    check_layers(table, kind, (layer,), method)
+    return table[layer].float()
 
 
 def attention_layers(signals: Signals, layers: tuple[int, ...], method: str) -> torch.Tensor:
     """[len(layers), I, N] float32: `attention` of each layer, stacked (a view where the rows lie so)."""
-    table, kind = (signals.cls_attn, "cls_attn") if signals.info.has_cls else (signals.received_attn, "received_attn")
-    return signal_layers(table, kind, layers, method)
+    return signal_layers(*attention_table(signals), layers, method)
 
 
-def signal_layers(table: dict[int, torch.Tensor], kind: str, layers: tuple[int, ...], method: str) -> torch.Tensor:
-    """[len(layers), I, ...] float32 rows of a signal table (`layer_rows`); a clear error naming
-    the first missing layer."""
+def attention_table(signals: Signals) -> tuple[dict[int, torch.Tensor], str]:
+    """The table `attention` reads and its name: CLS rows, or received attention without CLS."""
+    return (signals.cls_attn, "cls_attn") if signals.info.has_cls else (signals.received_attn, "received_attn")
+
+
+def check_layers(table: dict[int, torch.Tensor], kind: str, layers: tuple[int, ...], method: str) -> None:
+    """A clear error naming the first of `layers` missing from a signal table."""
     for layer in layers:
         if layer not in table:
             raise ValueError(f"{method}: {kind} of layer {layer} is missing; got layers {sorted(table)}")
+
+
+def signal_layers(table: dict[int, torch.Tensor], kind: str, layers: tuple[int, ...], method: str) -> torch.Tensor:
+    """[len(layers), I, ...] float32 rows of a signal table, stacked (`layer_rows`)."""
+    check_layers(table, kind, layers, method)
     return layer_rows(table, layers).float()
 
 
