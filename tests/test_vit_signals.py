@@ -43,10 +43,15 @@ def reference(pixels: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
     return ref
 
 
-@pytest.mark.parametrize("attn, flush_bytes", [("sdpa", vit.FLUSH_BYTES), ("eager", vit.FLUSH_BYTES), ("sdpa", 40_000)])
-def test_collected_signals_equal_the_eager_attention(attn, flush_bytes, monkeypatch):
-    """flush_bytes=40,000: the byte budget ends a batch every two or three layers of this tower."""
+@pytest.mark.parametrize("attn, flush_bytes, flush_layers, first_batch", [
+    ("sdpa", vit.FLUSH_BYTES, vit.FLUSH_LAYERS, vit.FLUSH_LAYERS), ("eager", vit.FLUSH_BYTES, vit.FLUSH_LAYERS, vit.FLUSH_LAYERS),
+    ("sdpa", 40_000, vit.FLUSH_LAYERS, 3), ("sdpa", vit.FLUSH_BYTES, 1, 1)])
+def test_collected_signals_equal_the_eager_attention(attn, flush_bytes, flush_layers, first_batch, monkeypatch):
+    """The tower has FLUSH_LAYERS + 3 layers: two batches by default. flush_bytes=40,000: a layer
+    holds 19,584 bytes of q, k, v (3 images x 17 tokens x 32 float32 each), so a batch ends every
+    three layers; flush_layers=1: every layer is a batch, the first settled as soon as it has run."""
     monkeypatch.setattr(vit, "FLUSH_BYTES", flush_bytes)
+    monkeypatch.setattr(vit, "FLUSH_LAYERS", flush_layers)
     pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     everything = tuple(range(LAYERS))
     request = Request(cls_attn=everything, cls_value_attn=everything[1:], received_attn=(0, LAYERS - 1),
@@ -66,8 +71,8 @@ def test_collected_signals_equal_the_eager_attention(attn, flush_bytes, monkeypa
         layers = sorted(table)  # read back stacked, as scorers do: the same rows
         torch.testing.assert_close(layer_rows(table, layers), torch.stack([ref[name][i] for i in layers]),
                                    atol=1e-5, rtol=1e-4, msg=name)
-    # one batch (the default budget): the CLS rows come as one stacked tensor, read back without a copy
-    assert isinstance(got.cls_attn, RowTable) == (flush_bytes == vit.FLUSH_BYTES)
+    # the first batch's CLS rows come as one stacked tensor, read back without a copy
+    assert isinstance(got.cls_attn, RowTable) and got.cls_attn.stacked.shape[0] == first_batch
     # nothing is left pending or held once the encoder has run
     assert got.cls_attn[LAYERS - 1].shape == (3, 17)
 
@@ -93,31 +98,37 @@ def forward_hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + ("forward" in m.__dict__) for m in model.modules())
 
 
-def test_hooks_are_installed_once_idle_outside_a_capture_and_removed():
+def test_taps_are_on_the_modules_only_while_a_capture_runs():
     model = tower("sdpa")
     pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():  # transformers installs its own output-capturing hooks at the first forward
         model(pixel_values=pixels)
     before = forward_hooks(model)
     hooks = vit.SignalHooks(vit_layers(model), Request(cls_attn=(0, 3), value_norms=(1,), vision_hidden=(2,)))
-    assert forward_hooks(model) == before + 6  # q, k of layers 0 and 3; v of layer 1; layer 2's output
+    assert forward_hooks(model) == before  # made, not put on
     with torch.no_grad():
-        plain = model(pixel_values=pixels).last_hidden_state  # outside a capture: nothing is kept
-        assert hooks.active is None
+        plain = model(pixel_values=pixels).last_hidden_state
         with hooks.capture() as first:
+            # q, k of layers 0 and 3; v of layer 1; layer 2's output; layer 0's output (plans the batches)
+            assert forward_hooks(model) == before + 7
             model(pixel_values=pixels)
+        assert forward_hooks(model) == before and hooks.active is None
         with hooks.capture() as second:
             model(pixel_values=pixels[:1])
         assert torch.equal(model(pixel_values=pixels).last_hidden_state, plain)
-    assert forward_hooks(model) == before + 6  # captures add no hooks
+    assert forward_hooks(model) == before
+    assert all(not kept for sinks in hooks.sinks.values() for _, kept in sinks)  # nothing held after a capture
     assert sorted(first.cls_attn) == [0, 3] and sorted(first.value_norms) == [1] and sorted(first.vision_hidden) == [2]
     assert first.cls_attn[3].shape == (2, 17) and second.cls_attn[3].shape == (1, 17)  # one Collected per capture
     torch.testing.assert_close(second.cls_attn[3], first.cls_attn[3][:1])
-    hooks.remove()
-    assert forward_hooks(model) == before
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        with hooks.capture():
+            model(pixel_values=pixels)
+            raise RuntimeError("boom")
+    assert forward_hooks(model) == before and hooks.active is None  # an error inside takes the taps off too
 
 
-def test_patched_model_keeps_its_hooks_until_unpatched():
+def test_patched_model_leaves_no_taps_between_calls():
     import vlmprune
     from tests.conftest import pixels as tiny_pixels, prompt, tiny_llava
 
@@ -128,9 +139,10 @@ def test_patched_model_keeps_its_hooks_until_unpatched():
     vlmprune.patch(model, method="vtc_cls", keep=4)
     with torch.no_grad():
         model(input_ids=torch.tensor([prompt(1)]), pixel_values=tiny_pixels(1))
-        installed = forward_hooks(model)
+        hooks = model._vlmprune_adapter._hooks
+        assert forward_hooks(model) == before + 1 and len(hooks.taps) > 0  # + the patched model's forward
         model(input_ids=torch.tensor([prompt(1)]), pixel_values=tiny_pixels(1))
-    assert installed > before and forward_hooks(model) == installed
+    assert model._vlmprune_adapter._hooks is hooks  # made once per patch
     vlmprune.unpatch(model)
     assert forward_hooks(model) == before
 

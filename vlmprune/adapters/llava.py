@@ -74,7 +74,7 @@ class LlavaAdapter(Adapter):
     def encoder_owner(self) -> torch.nn.Module:
         return self.model.model
 
-    _hooks: SignalHooks | None = None  # installed at the first encoder call, removed by uninstall()
+    _hooks: SignalHooks | None = None  # made at the first encoder call (its taps are on only while it runs)
 
     @contextlib.contextmanager
     def collecting(self, inputs: dict[str, Any]):

@@ -1,12 +1,12 @@
 """Signals from a ViT-style encoder (CLIP, SigLIP, ...) without eager attention.
 
 Each requested layer's attention module makes q, k and v with its own `q_proj` / `k_proj` /
-`v_proj`: taps on their forward keep those outputs (nothing is projected twice), and the rows a scorer
-asked for (the CLS query against all keys, the CLS value against all values, value norms, the
-mean received attention) are computed from them over several layers at once
-(`vlmprune.kernels.rows`), while the encoder itself keeps SDPA/FlashAttention. On the host-bound
-encoder of a 7B VLM, the host time of the taps and the number of ops they launch is much of what
-they cost."""
+`v_proj`: taps on their forward keep those outputs while the encoder runs (nothing is projected
+twice), and the rows a scorer asked for (the CLS query against all keys, the CLS value against all
+values, value norms, the mean received attention) are computed from them over several layers at
+once (`vlmprune.kernels.rows`), while the encoder itself keeps SDPA/FlashAttention. On the
+host-bound encoder of a 7B VLM, the host time of the taps and the number of ops they launch is
+much of what they cost."""
 
 from __future__ import annotations
 
@@ -67,54 +67,35 @@ class Collected:
 
 class SignalHooks:
     """Taps on the `q_proj` / `k_proj` / `v_proj` of the requested layers (and on the layers whose
-    output is requested), installed once and idle unless `capture()` is running: registering and
-    removing ~90 hooks around every encoder call cost more than running them. A tap wraps the
-    module's `forward` (see `tap`) rather than registering a forward hook: on the host-bound
-    encoder, a module with hooks takes torch's slow call path, several microseconds a call."""
+    output is requested), put on the modules only while `capture()` runs: outside it the encoder
+    runs untouched, at no cost. A tap sets `forward` on the instance (see `tap`) rather than
+    registering a forward hook (a module with hooks takes torch's slow call path, several
+    microseconds a call), and hands each projection to a list's `append`: no Python frame of ours
+    runs per projection, which on the host-bound encoder of a 7B VLM is what the taps cost."""
 
     def __init__(self, layers: nn.ModuleList, request: Request):
-        self.request = request
+        self.layers, self.request = layers, request
         self.plan: dict[int, LayerPlan] = {}
-        self.handles: list[Tap] = []
         self.active: _Capture | None = None
-        try:
-            for idx in sorted(set().union(request.cls_attn, request.cls_value_attn, request.received_attn,
-                                          request.keys, request.value_norms)):
-                attn = layers[idx].self_attn
-                wants = projections(request, idx)
-                for name in wants:
-                    proj = getattr(attn, f"{name}_proj", None)
-                    if not isinstance(proj, nn.Module):
-                        raise ValueError(
-                            f"vlmprune: the attention of encoder layer {idx} ({type(attn).__name__}) has no {name}_proj "
-                            f"module to read {name} from; this encoder needs its own adapter"
-                        )
-                    self.handles.append(tap(proj, self._keep(idx, name)))
-                heads, _, scale = attn_geometry(attn)
-                self.plan[idx] = LayerPlan(
-                    wants, heads, scale, keys=idx in request.keys, received=idx in request.received_attn,
-                    rows=idx in request.cls_attn or idx in request.cls_value_attn or idx in request.value_norms,
-                )
-            for idx in request.vision_hidden:
-                self.handles.append(tap(layers[idx], self._output(idx)))
-        except Exception:
-            self.remove()
-            raise
-
-    def _keep(self, layer: int, name: str):
-        def seen(output: torch.Tensor) -> None:
-            if self.active is not None:
-                self.active.add(layer, name, output)
-
-        return seen
-
-    def _output(self, layer: int):
-        def seen(output) -> None:
-            if self.active is not None:
-                out = output[0] if isinstance(output, tuple) else output
-                self.active.out.vision_hidden[layer] = out.detach()
-
-        return seen
+        for idx in sorted(set().union(request.cls_attn, request.cls_value_attn, request.received_attn,
+                                      request.keys, request.value_norms)):
+            attn = layers[idx].self_attn
+            wants = projections(request, idx)
+            for name in wants:
+                if not isinstance(getattr(attn, f"{name}_proj", None), nn.Module):
+                    raise ValueError(
+                        f"vlmprune: the attention of encoder layer {idx} ({type(attn).__name__}) has no {name}_proj "
+                        f"module to read {name} from; this encoder needs its own adapter"
+                    )
+            heads, _, scale = attn_geometry(attn)
+            self.plan[idx] = LayerPlan(
+                wants, heads, scale, keys=idx in request.keys, received=idx in request.received_attn,
+                rows=idx in request.cls_attn or idx in request.cls_value_attn or idx in request.value_norms,
+            )
+        # per layer, a list per kept projection: its tap's `append` fills it during a capture
+        self.sinks = {idx: [(name, []) for name in plan.wants] for idx, plan in self.plan.items()}
+        self.taps = [Tap(getattr(layers[idx].self_attn, f"{name}_proj"), kept.append)
+                     for idx, sinks in self.sinks.items() for name, kept in sinks]
 
     @contextlib.contextmanager
     def capture(self, skip: int = 0):
@@ -122,47 +103,76 @@ class SignalHooks:
         (CLS, CLS-value, received) leave out the first `skip` tokens (softmax still over all)."""
         if self.active is not None:
             raise RuntimeError("vlmprune: the encoder's signal hooks are already capturing (a nested encoder call)")
-        self.active = _Capture(self, skip)
+        self.active = capture = _Capture(self, skip)
         try:
-            yield self.active.out
-            self.active.finish()
+            capture.arm()
+            yield capture.out
+            capture.finish()
         finally:
+            capture.disarm()
             self.active = None
 
     def remove(self) -> None:
-        for h in reversed(self.handles):
-            h.remove()
-        self.handles = []
+        """Nothing stays on the modules between captures: the hooks hold their taps, unused."""
+        for t in self.taps:
+            t.remove()
 
 
 _NO_FORWARD = object()
 
 
 class Tap:
-    """The handle of one `tap`: `remove()` puts the module's own `forward` back."""
+    """A `forward` set on a module's instance that hands every output of the module's own forward
+    to `seen` (then returns it unchanged), as accelerate's hooks do: `put()` sets it (wrapping a
+    forward already set there), `remove()` puts that back. The forward is a partial of the module,
+    so a deep copy of the model runs its own weights; on a plain `nn.Linear` it computes
+    `F.linear` itself (one Python call fewer). It is made once and reused while the instance's
+    own forward stays the same, so putting a tap on is one dict write."""
 
-    def __init__(self, module: nn.Module, saved: object):
-        self.module, self.saved = module, saved
+    def __init__(self, module: nn.Module, seen: Callable[[Any], None]):
+        self.module, self.seen = module, seen
+        self.saved: object = None  # what put() replaced; None while off
+        self.made_for: object = None
+        self.forward: Callable | None = None
+
+    def put(self) -> None:
+        slots = self.module.__dict__
+        saved = slots.get("forward", _NO_FORWARD)
+        if saved is not self.made_for:
+            if saved is _NO_FORWARD and type(self.module).forward is nn.Linear.forward:
+                self.forward = functools.partial(_tapped_linear, self.module, self.seen)
+            else:
+                own = None if saved is _NO_FORWARD else saved
+                self.forward = functools.partial(_tapped, own, self.module, self.seen)
+            self.made_for = saved
+        self.saved = saved
+        slots["forward"] = self.forward  # not a parameter, buffer or module: skip nn.Module's setattr
 
     def remove(self) -> None:
+        if self.saved is None:
+            return
         if self.saved is _NO_FORWARD:
             self.module.__dict__.pop("forward", None)
         else:
-            self.module.forward = self.saved
+            self.module.__dict__["forward"] = self.saved
         self.saved = None
 
 
 def tap(module: nn.Module, seen: Callable[[Any], None]) -> Tap:
-    """Make `module` hand every output of its forward to `seen` (then return it unchanged), by
-    setting `forward` on the instance, as accelerate's hooks do; `Tap.remove()` undoes it. The
-    new forward is a partial of the module, so a deep copy of the model runs its own weights."""
-    saved = module.__dict__.get("forward", _NO_FORWARD)
-    module.forward = functools.partial(_tapped, None if saved is _NO_FORWARD else saved, module, seen)
-    return Tap(module, saved)
+    """Make `module` hand every output of its forward to `seen` until the returned `Tap` is removed."""
+    handle = Tap(module, seen)
+    handle.put()
+    return handle
 
 
 def _tapped(forward: Callable | None, module: nn.Module, seen: Callable[[Any], None], *args, **kwargs):
     out = type(module).forward(module, *args, **kwargs) if forward is None else forward(*args, **kwargs)
+    seen(out)
+    return out
+
+
+def _tapped_linear(module: nn.Linear, seen: Callable[[Any], None], input: torch.Tensor) -> torch.Tensor:
+    out = nn.functional.linear(input, module.weight, module.bias)  # what nn.Linear.forward computes
     seen(out)
     return out
 
@@ -175,8 +185,8 @@ class LayerPlan:
     heads: int
     scale: float
     keys: bool  # its keys are a signal
-    received: bool  # its received attention is computed as soon as q and k are in
-    rows: bool  # its CLS rows / value norms wait for the next stacked batch
+    received: bool  # its received attention is computed from its q and k
+    rows: bool  # its CLS rows / value norms go into the next stacked batch
 
 
 def projections(request: Request, layer: int) -> tuple[str, ...]:
@@ -192,51 +202,102 @@ def projections(request: Request, layer: int) -> tuple[str, ...]:
 
 
 class _Capture:
-    """One encoder forward's projections, turned into `Collected` signals as each layer's set is
-    complete: `keys` and `received_attn` at once, the CLS rows and value norms of up to
-    `FLUSH_LAYERS` layers (`FLUSH_BYTES`) at a time (one stacked computation for all of them)."""
+    """One encoder forward: its taps, the projections they keep (a list per projection), and
+    the `Collected` signals made from them in batches: `settle(layer)` turns every layer up to
+    `layer` into signals, the CLS rows and value norms of all of them in one stacked computation.
+    A batch holds at most `FLUSH_LAYERS` layers with rows and `FLUSH_BYTES` of projections: the
+    first hooked layer's projections give the size of every layer's, and the layers where a batch
+    must end get a tap on their output, so the taps stay free of Python while nothing must end."""
 
     def __init__(self, hooks: SignalHooks, skip: int = 0):
-        self.request, self.plan, self.out, self.skip = hooks.request, hooks.plan, Collected(), skip
-        self.proj: dict[int, dict[str, torch.Tensor]] = {}  # layer -> projection name -> output, until complete
-        self.pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (layer, heads, scale, q/k/v)
-        self.held = 0  # bytes of the pending projections
+        self.hooks, self.request, self.plan, self.skip = hooks, hooks.request, hooks.plan, skip
+        self.out = Collected()
+        self.order = list(self.plan)  # ascending: the order the encoder runs them
+        self.done = 0  # self.order[:done] are signals already
+        self.taps: list[Tap] = []  # put on for this capture only, beyond the hooks' own
 
-    def add(self, layer: int, name: str, output: torch.Tensor) -> None:
-        got = self.proj.setdefault(layer, {})
-        got[name] = output.detach() if output.requires_grad else output  # signals carry no autograd history
-        plan = self.plan[layer]
-        if len(got) < len(plan.wants):
-            return
-        del self.proj[layer]
-        if plan.keys:
-            self.out.keys[layer] = got["k"]
-        if plan.received:
-            with torch.no_grad():
-                rows = received_attention(got["q"], got["k"], plan.heads, plan.scale)
-            self.out.received_attn[layer] = rows[:, self.skip :]
-        if plan.rows:
-            self.pending.append((layer, plan.heads, plan.scale, got))
-            self.held += sum(t.nbytes for t in got.values())
-            if len(self.pending) >= FLUSH_LAYERS or self.held >= FLUSH_BYTES:
-                self.flush()
+    def arm(self) -> None:
+        for t in self.hooks.taps:
+            t.put()
+        layers = self.hooks.layers
+        for layer in self.request.vision_hidden:
+            self.taps.append(tap(layers[layer], functools.partial(self._hidden, layer)))
+        if self.order:
+            self.taps.append(tap(layers[self.order[0]], self._plan_batches))
+
+    def disarm(self) -> None:
+        while self.taps:  # last in, first out: taps on one module unwind in order
+            self.taps.pop().remove()
+        for t in self.hooks.taps:
+            t.remove()
+        for sinks in self.hooks.sinks.values():
+            for _, kept in sinks:
+                kept.clear()
+
+    def _hidden(self, layer: int, output) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self.out.vision_hidden[layer] = out.detach()
+
+    def _plan_batches(self, _output) -> None:
+        """At the first hooked layer's output: where each stacked batch ends, from its projections'
+        size; a tap on those layers' output settles them (the last batch waits for `finish`)."""
+        first = self.order[0]
+        size = max((kept[-1].nbytes for _, kept in self.hooks.sinks[first] if kept), default=0)
+        ends, count, held = [], 0, 0
+        for layer in self.order:
+            plan = self.plan[layer]
+            if not (plan.rows or plan.received):
+                continue
+            count += plan.rows
+            held += size * len(plan.wants)
+            if count >= FLUSH_LAYERS or held >= FLUSH_BYTES:
+                ends.append(layer)
+                count = held = 0
+        for layer in ends:
+            if layer == first:
+                self.settle(first)
+            elif layer != self.order[-1]:
+                self.taps.append(tap(self.hooks.layers[layer], functools.partial(self._settle_at, layer)))
+
+    def _settle_at(self, layer: int, _output) -> None:
+        self.settle(layer)
 
     def finish(self) -> None:
-        if self.proj:
-            layer, got = next(iter(self.proj.items()))
-            missing = [name + "_proj" for name in self.plan[layer].wants if name not in got]
-            raise ValueError(
-                f"vlmprune: the attention of encoder layer {layer} ran without calling {missing}; "
-                f"this encoder needs its own adapter"
-            )
-        self.flush()
+        self.settle(self.order[-1] if self.order else -1)
 
     @torch.no_grad()
-    def flush(self) -> None:
+    def settle(self, upto: int) -> None:
+        """Signals of every pending layer up to `upto`: keys and received attention layer by
+        layer, the CLS rows and value norms in one stacked batch (see `flush`)."""
+        pending = []
+        while self.done < len(self.order) and self.order[self.done] <= upto:
+            layer = self.order[self.done]
+            self.done += 1
+            plan = self.plan[layer]
+            got = {}
+            for name, kept in self.hooks.sinks[layer]:
+                if not kept:
+                    raise ValueError(
+                        f"vlmprune: the attention of encoder layer {layer} ran without calling {name}_proj; "
+                        f"this encoder needs its own adapter"
+                    )
+                out = kept.pop()  # the last call's, if a projection ran twice
+                kept.clear()
+                got[name] = out.detach() if out.requires_grad else out  # signals carry no autograd history
+            if plan.keys:
+                self.out.keys[layer] = got["k"]
+            if plan.received:
+                rows = received_attention(got["q"], got["k"], plan.heads, plan.scale)
+                self.out.received_attn[layer] = rows[:, self.skip :]
+            if plan.rows:
+                pending.append((layer, plan.heads, plan.scale, got))
+        if pending:
+            self.flush(pending)
+
+    def flush(self, pending: list[tuple[int, int, float, dict[str, torch.Tensor]]]) -> None:
         """The CLS rows (CLS query . keys, scaled; CLS value . values, unscaled) and value norms of
         the pending layers: per attention geometry (one, in any ViT) one `attention_rows` call
         over all of them (on CUDA one kernel reading the projections where they lie)."""
-        pending, self.pending, self.held = self.pending, [], 0
         r = self.request
         groups: dict[tuple[int, float], list[tuple[int, dict]]] = {}
         for layer, heads, scale, got in pending:
@@ -270,8 +331,8 @@ class _Capture:
 
 @contextlib.contextmanager
 def collect(layers: nn.ModuleList, request: Request):
-    """Within the block, running the encoder fills the returned `Collected` for `request` (hooks
-    installed for the block only; adapters keep a `SignalHooks` installed instead)."""
+    """Within the block, running the encoder fills the returned `Collected` for `request` (adapters
+    keep one `SignalHooks` per request instead: its plan is made once)."""
     hooks = SignalHooks(layers, request)
     try:
         with hooks.capture() as out:
