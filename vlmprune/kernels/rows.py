@@ -38,6 +38,8 @@ def _check(queries: list[torch.Tensor], keys: list[torch.Tensor], heads: int) ->
     shape = keys[0].shape
     if len(shape) != 3 or shape[-1] % heads:
         raise ValueError(f"key tensors must be [I, T, D] with D divisible by heads={heads}, got {tuple(shape)}")
+    if all(t.shape == shape for t in keys) and all(q.shape == shape for q in queries):
+        return  # the usual case (projections of one encoder batch), checked at a glance
     for q, k in zip(queries, keys):
         if k.shape != shape or q.ndim != 3 or q.shape[0] != shape[0] or q.shape[-1] != shape[-1]:
             raise ValueError(f"every key tensor must be {tuple(shape)} and every query tensor [{shape[0]}, T', "
