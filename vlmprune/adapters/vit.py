@@ -240,7 +240,8 @@ class _Capture:
 
     def _plan_batches(self, _output) -> None:
         """At the first hooked layer's output: where each stacked batch ends, from its projections'
-        size; a tap on those layers' output settles them (the last batch waits for `finish`)."""
+        size (the last batch ends at the last hooked layer); a tap on those layers' output settles
+        each batch as soon as it is complete (its projections are freed there)."""
         first = self.order[0]
         size = max((kept[-1].nbytes for _, kept in self.hooks.sinks[first] if kept), default=0)
         ends, count, held = [], 0, 0
@@ -250,13 +251,13 @@ class _Capture:
                 continue
             count += plan.rows
             held += size * len(plan.wants)
-            if count >= FLUSH_LAYERS or held >= FLUSH_BYTES:
+            if count >= FLUSH_LAYERS or held >= FLUSH_BYTES or layer == self.order[-1]:
                 ends.append(layer)
                 count = held = 0
         for layer in ends:
             if layer == first:
                 self.settle(first)
-            elif layer != self.order[-1]:
+            else:
                 self.taps.append(tap(self.hooks.layers[layer], functools.partial(self._settle_at, layer)))
 
     def _settle_at(self, layer: int, _output) -> None:
@@ -267,8 +268,8 @@ class _Capture:
 
     @torch.no_grad()
     def settle(self, upto: int) -> None:
-        """Signals of every pending layer up to `upto`: keys and received attention layer by
-        layer, the CLS rows and value norms in one stacked batch (see `flush`)."""
+        """Signals of every pending layer up to `upto`: keys and received attention layer by layer,
+        the CLS rows and value norms of all of them in one stacked batch (see `flush`)."""
         pending = []
         while self.done < len(self.order) and self.order[self.done] <= upto:
             layer = self.order[self.done]
