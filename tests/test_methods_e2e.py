@@ -8,7 +8,7 @@ import torch
 
 import vlmprune
 from vlmprune.adapters.base import run_scorer
-from vlmprune.scorers import scorer_class
+from vlmprune.scorers import Scorer, scorer_class
 from tests.conftest import assert_generate_batch_equals_rows, pixels, prompt, tiny_llava
 from tests.test_llava import image_features, oracle_row
 
@@ -63,10 +63,13 @@ def test_selection_pads_ragged_budgets_with_zeros_and_gathers_full_ones(method):
     pv = pixels(2, seed=14)
     vlmprune.patch(model, method=method, keep=4)
     adapter = model._vlmprune_adapter
-    merging = method == "visionzip"
+    scorer = adapter.stage.scorer
+    merging = type(scorer).merges
     with torch.no_grad():
         enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
         signals = adapter.signals_for(enc)
+        if type(scorer).select is not Scorer.select:  # `merges` says whether its Selection carries features
+            assert (scorer.select(signals, torch.tensor([4, 1])).features is not None) == merging
         for budgets in ([4, 1], [3, 3]):
             idx, out = run_scorer(adapter.stage.scorer, signals, signals.features, torch.tensor(budgets))
             assert idx.shape == (2, max(budgets)) and out.shape == (2, max(budgets), signals.features.shape[-1])

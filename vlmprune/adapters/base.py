@@ -19,7 +19,7 @@ from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
 from vlmprune.kernels.assemble import assemble
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, stack_rows
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, budget, stack_rows
 
 STATE_ATTR = "_vlmprune_state"
 CACHE_NAMES = ("cache", "past_key_values")
@@ -69,8 +69,7 @@ def run_scorer(scorer: Scorer, signals: Signals, feats: torch.Tensor, k: torch.T
     if sel.features is not None:
         return sel.indices, sel.features
     width, counts = sel.indices.shape[1], signals.counts
-    full = counts is not None and k.device.type == "cpu" and all(
-        min(max(a, 0), c) == width for a, c in zip(k.tolist(), counts))  # no row padded with -1
+    full = counts is not None and k.device.type == "cpu" and all(b == width for b in budget(k, counts))  # no -1 pads
     return sel.indices, gather_rows(feats, sel.indices, padded=not full)
 
 

@@ -144,6 +144,15 @@ def layer_rows(table: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.T
     return stack_rows([table[layer] for layer in layers])
 
 
+def budget(k: torch.Tensor, counts: Sequence[int]) -> list[int]:
+    """Per image, k clipped to [0, count] (`Signals.valid_counts`); no device sync when k is on
+    the host, as the adapter passes it."""
+    ks = k.tolist()
+    if min(ks, default=0) < 0:
+        raise ValueError(f"k must be >= 0, got {ks}")
+    return [min(a, c) for a, c in zip(ks, counts)]
+
+
 @dataclass
 class Selection:
     """A scorer's answer: kept indices per image (ascending, padded with -1 to the largest k)
@@ -160,6 +169,7 @@ class Scorer:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "vision"
     paper: ClassVar[str] = ""
+    merges: ClassVar[bool] = False  # `select` returns its own features for the kept places (VisionZip)
 
     def needs(self, info: EncoderInfo) -> Request:
         """The signals this scorer reads, given the encoder it will run on."""

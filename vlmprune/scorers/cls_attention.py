@@ -112,15 +112,6 @@ def valid_mask(n_valid: torch.Tensor, n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device)[None, :] < n_valid.to(device)[:, None]
 
 
-def budget(k: torch.Tensor, counts: list[int]) -> list[int]:
-    """Per image, k clipped to [0, count] (`Signals.valid_counts`); no device sync when k is on
-    the host, as the adapter passes it."""
-    ks = k.tolist()
-    if min(ks, default=0) < 0:
-        raise ValueError(f"k must be >= 0, got {ks}")
-    return [min(a, c) for a, c in zip(ks, counts)]
-
-
 @register
 class VtcClsScorer(Scorer):
     """VTC-CLS: top-k of the mean, over several encoder layers, of the head-mean CLS->patch

@@ -8,11 +8,10 @@ import math
 import torch
 
 from vlmprune.kernels.hiprune import hiprune_select
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, budget, register
 from vlmprune.scorers.cls_attention import (
     attention,
     attention_request,
-    budget,
     check_int,
     check_number,
 )

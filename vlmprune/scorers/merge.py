@@ -8,11 +8,10 @@ import torch
 
 from vlmprune.kernels.merge import visionzip_merge
 from vlmprune.kernels.select import to_device
-from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, register
+from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, budget, register
 from vlmprune.scorers.cls_attention import (
     attention,
     attention_request,
-    budget,
     check_int,
     check_number,
     resolve_layer,
@@ -55,6 +54,7 @@ class VisionZipScorer(Scorer):
     `similarity="keys"` then needs one key row per visual token (use "features" otherwise)."""
 
     name = "visionzip"
+    merges = True
     paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (CVPR), 2025"
 
     def __init__(self, layer: int | None = None, contextual_ratio: float = 10 / 64, similarity: str = "keys"):

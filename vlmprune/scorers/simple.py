@@ -8,8 +8,7 @@ import math
 import torch
 
 from vlmprune.kernels.select import to_device
-from vlmprune.scorers.base import Scorer, Selection, Signals, register
-from vlmprune.scorers.cls_attention import budget
+from vlmprune.scorers.base import Scorer, Selection, Signals, budget, register
 
 
 @register
