@@ -113,7 +113,7 @@ class SignalHooks:
             self.active = None
 
     def remove(self) -> None:
-        """Nothing stays on the modules between captures: the hooks hold their taps, unused."""
+        """Take any tap off the modules (none stays on between captures; for `uninstall`)."""
         for t in self.taps:
             t.remove()
 
