@@ -158,7 +158,6 @@ def test_capture_skip_drops_the_first_tokens_of_attention_rows_only():
             model(pixel_values=pixels)
         with hooks.capture(skip=1) as cut:
             model(pixel_values=pixels)
-    hooks.remove()
     for name in ("cls_attn", "cls_value_attn", "received_attn"):
         layer = next(iter(getattr(request, name)))
         assert torch.equal(getattr(cut, name)[layer], getattr(full, name)[layer][:, 1:]), name

@@ -86,9 +86,7 @@ class LlavaAdapter(Adapter):
 
     def uninstall(self) -> None:
         super().uninstall()
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
+        self._hooks = None  # its taps are off the modules already (they are on only during a capture)
 
     def encode_images(self, inputs: dict[str, Any]) -> Any:
         mm = inputs.get("mm_encoder_outputs") or {}

@@ -112,11 +112,6 @@ class SignalHooks:
             capture.disarm()
             self.active = None
 
-    def remove(self) -> None:
-        """Take any tap off the modules (none stays on between captures; for `uninstall`)."""
-        for t in self.taps:
-            t.remove()
-
 
 _NO_FORWARD = object()
 
@@ -334,9 +329,5 @@ class _Capture:
 def collect(layers: nn.ModuleList, request: Request):
     """Within the block, running the encoder fills the returned `Collected` for `request` (adapters
     keep one `SignalHooks` per request instead: its plan is made once)."""
-    hooks = SignalHooks(layers, request)
-    try:
-        with hooks.capture() as out:
-            yield out
-    finally:
-        hooks.remove()
+    with SignalHooks(layers, request).capture() as out:
+        yield out
