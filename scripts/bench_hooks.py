@@ -18,20 +18,14 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlavaForConditionalGeneration
 
 import vlmprune
+from bench_methods import median, once  # this script's directory is on sys.path when run as a script
 from vlmprune.eval.tiny import llava_7b_config
 
 
 def wall_ms(fn, n: int = 30) -> tuple[float, float]:
     """(median, min) of n synchronised calls, ms."""
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0]
+    times = [once(fn) for _ in range(n)]
+    return median(times), min(times)
 
 
 def device_table(fn, calls: int = 10, rows: int = 6) -> None:
