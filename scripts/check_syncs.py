@@ -4,7 +4,8 @@
 
 Runs one prefill forward of a 7B-shaped LLaVA (one decoder layer) under
 `torch.cuda.set_sync_debug_mode("warn")` and prints where each synchronising call came from. The
-one wanted wait is the image-token count read before the encoder is launched."""
+one wanted wait is the prompt's read (ids and mask in one copy) before the encoder is launched: the
+host plans the pruned layout from it."""
 
 from __future__ import annotations
 

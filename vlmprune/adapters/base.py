@@ -18,7 +18,7 @@ from torch import nn
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
-from vlmprune.kernels.assemble import assemble
+from vlmprune.kernels.assemble import assemble, plan_layout
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, budget, stack_rows
 
 STATE_ATTR = "_vlmprune_state"
@@ -258,21 +258,22 @@ class Adapter:
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
-        is_visual = input_ids == self.visual_token_id()
-        # read before the encoder is launched: a read waits for the device, and after the launch it
-        # would stall the host until the encoder is done instead of letting it queue scoring,
-        # assembly and the decoder behind it (nothing below waits for the device)
         mask = inputs.get("attention_mask")
         if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(
                 f"vlmprune: pruning needs a 2-D attention_mask shaped like input_ids {tuple(input_ids.shape)} "
                 f"(or none); got shape {tuple(mask.shape)}"
             )
-        facts = is_visual.sum(1)
-        if mask is not None:  # right padding: some row ends in padding
-            facts = torch.cat([facts, (mask[:, -1] == 0).any().view(1).to(facts.dtype)])
-        facts = facts.tolist()
-        row_counts, right_padded = facts[: input_ids.shape[0]], facts[input_ids.shape[0]:] == [1]
+        # the prompt on the host, read before the encoder is launched (a read waits for the device;
+        # after the launch it would stall the host until the encoder is done): the pruned layout is
+        # planned from it, so nothing below waits for the device
+        if mask is None or mask.device != input_ids.device:
+            ids_host, mask_host = input_ids.cpu(), None if mask is None else mask.cpu()
+        else:  # one read for both
+            ids_host, mask_host = torch.stack([input_ids, mask.to(input_ids.dtype)]).cpu().unbind(0)
+        is_visual = ids_host == self.visual_token_id()
+        row_counts = is_visual.sum(1).tolist()
+        right_padded = mask_host is not None and bool((mask_host[:, -1] == 0).any())
         encoded = self.encode_images(inputs)
         feats = list(encoded.pooler_output)
         per_image = [int(f.shape[0]) for f in feats]
@@ -288,22 +289,23 @@ class Adapter:
             self._last = [[torch.arange(per_image[i]) for i in row] for row in rows]
             return orig(**rest, mm_encoder_outputs={"image": encoded})
 
+        needs_index = inputs.get("labels") is not None or inputs.get("position_ids") is not None \
+            or self.config.positions == "original"
+        layout = plan_layout(ids_host, is_visual, per_image, kept, right_padded, mask_host, columns=needs_index)
         signals = self.signals_for(feats)
         k = torch.tensor(kept)  # on the host: the kernels read budgets without a device sync
         idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
+        if type(self.stage.scorer).select is not Scorer.select:  # a scorer's own selection: check the plan
+            check_kept(idx, kept, self.stage.method)
         self._last = PendingSelection(idx, kept, rows, self.stage.method)
         if idx.device.type == "cpu":
             self._last = self._last.resolve()  # the host has them anyway: check the plan at once
 
-        text = self.model.get_input_embeddings()(input_ids)
-        length = input_ids.shape[1]
         out = assemble(
-            text,
-            is_visual,
-            slot_mask(idx, per_image).to(is_visual.device),
-            kept_rows(visual, kept).to(text.device, text.dtype),
-            lens=[length - c + sum(kept[i] for i in row) for c, row in zip(row_counts, rows)],
-            right_padded=right_padded,
+            self.model.get_input_embeddings(),
+            layout,
+            kept_rows(visual, kept),
+            kept_rows(idx.unsqueeze(-1), kept).squeeze(-1) if needs_index else None,
             attention_mask=mask,
             position_ids=inputs.get("position_ids"),
             labels=inputs.get("labels"),
@@ -379,15 +381,23 @@ def images_by_row(row_counts: list[int], per_image: list[int]) -> list[list[int]
     return rows
 
 
-def slot_mask(idx: torch.Tensor, per_image: list[int]) -> torch.Tensor:
-    """Flat bool over every visual slot (image by image) from the kept indices [I, kmax] (-1 pads),
-    without reading them on the host."""
-    n = max(per_image)
-    marks = torch.zeros(len(per_image), n + 1, dtype=torch.bool, device=idx.device)
-    marks.scatter_(1, torch.where(idx < 0, n, idx), True)  # padding marks the spare column n
-    if all(c == n for c in per_image):
-        return marks[:, :n].reshape(-1)
-    return marks.view(-1)[to_device([i * (n + 1) + j for i, c in enumerate(per_image) for j in range(c)], idx.device)]
+def check_kept(idx: torch.Tensor, kept: list[int], method: str) -> None:
+    """The layout gave image i kept[i] places: its selection must fill them (ascending indices,
+    -1 only after the first kept[i]). The width is checked on the host; on CUDA the entries with a
+    device-side assert (no host wait; `PendingSelection.resolve` names the image when read)."""
+    if idx.ndim != 2 or idx.shape[0] != len(kept) or idx.shape[1] < max(kept, default=0):
+        raise RuntimeError(
+            f"vlmprune: method {method!r} returned indices of shape {tuple(idx.shape)}; the plan needs "
+            f"[{len(kept)}, >= {max(kept, default=0)}] (kept per image {kept})"
+        )
+    if idx.device.type == "cpu":
+        return  # resolved at once by the caller
+    if all(c == kept[0] for c in kept):
+        last = idx[:, kept[0] - 1] if kept[0] else idx[:, :0]
+    else:
+        full = [i for i, c in enumerate(kept) if c]
+        last = idx[to_device(full, idx.device), to_device([kept[i] - 1 for i in full], idx.device)]
+    torch._assert_async((last >= 0).all())
 
 
 def kept_rows(visual: torch.Tensor, kept: list[int]) -> torch.Tensor:

@@ -36,8 +36,8 @@ def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    row = t.tolist() if t.ndim == 1 else []
-    if row and row.count(row[0]) == len(row):  # the usual case: one value (k, a count)
+    row = t.tolist() if t.ndim == 1 and t.numel() <= 64 else []
+    if row and row.count(row[0]) == len(row):  # the usual case: one value per image (k, a count)
         return torch.full(t.shape, row[0], dtype=t.dtype, device=device)  # a fill: no staging copy
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -23,11 +23,14 @@ class RandomScorer(Scorer):
         if not isinstance(seed, int):
             raise TypeError(f"random: seed must be an int, got {seed!r}")
         self.seed = seed
+        self._rows: dict[tuple[int, str], torch.Tensor] = {}  # (tokens, device) -> the scores, made once
 
     def score(self, signals: Signals) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed)
-        row = torch.rand(signals.num_tokens, generator=g)
-        return to_device(row, signals.n_valid.device).expand(signals.num_images, -1)
+        key = (signals.num_tokens, str(signals.n_valid.device))
+        if key not in self._rows:
+            row = torch.rand(signals.num_tokens, generator=torch.Generator().manual_seed(self.seed))
+            self._rows[key] = to_device(row, signals.n_valid.device)
+        return self._rows[key].expand(signals.num_images, -1)  # read only: the selection never writes it
 
 
 @functools.lru_cache(maxsize=256)
