@@ -509,4 +509,9 @@ def test_layer_rows_reads_a_row_table_back_as_a_view_and_sees_entries_replaced_s
     table[12] = torch.ones(3, 9)  # and one added
     for wanted in (layers, (6,), (8, 10, 12)):
         assert torch.equal(layer_rows(table, wanted), torch.stack([table[i] for i in wanted])), wanted
+    assert list(table) == [2, 4, 6, 8, 10, 12] and len(table) == 6 and torch.equal(table[6], torch.zeros(3, 9))
+    del table[4], table[12]  # a dict in every other way
+    assert list(table) == [2, 6, 8, 10] and 4 not in table and dict(table)[8].equal(whole[3])
+    with pytest.raises(KeyError):
+        del table[4]
     assert torch.equal(layer_rows({1: whole[0], 3: whole[2]}, (3, 1)), whole[[2, 0]])  # a plain dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import operator
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -116,31 +116,57 @@ def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-class RowTable(dict):
+class RowTable(MutableMapping):
     """layer -> [I, ...] rows that are the slices of one stacked [L, I, ...] tensor (`stacked`, in
     the order of `layers`), as the encoder hooks compute them: `layer_rows` hands them back
-    stacked without checking each row's layout (on the host-bound scoring path, FlowCut's 66 rows
-    cost 0.1 ms of checks). Still a plain dict to read and to write: an entry replaced or added
-    later is found by identity, and those rows are stacked as usual."""
+    stacked without checking each row's layout, and a row is made (a view) only when read by
+    layer: on the host-bound scoring path, FlowCut's 66 rows cost 0.1 ms of checks and as much
+    again to make. Read and written as a dict: an entry replaced or added later is kept apart
+    (`replaced`), and `layer_rows` stacks those as usual."""
 
     def __init__(self, stacked: torch.Tensor, layers: Sequence[int]):
-        self.rows = stacked.unbind(0)
-        super().__init__(zip(layers, self.rows))
         self.stacked = stacked
         self.position = {layer: i for i, layer in enumerate(layers)}
+        self.replaced: dict[int, torch.Tensor] = {}  # entries set after the table was made
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer in self.replaced:
+            return self.replaced[layer]
+        return self.stacked[self.position[layer]]
+
+    def __setitem__(self, layer: int, row: torch.Tensor) -> None:
+        self.replaced[layer] = row
+
+    def __delitem__(self, layer: int) -> None:
+        if layer not in self.position and layer not in self.replaced:
+            raise KeyError(layer)
+        self.position.pop(layer, None)
+        self.replaced.pop(layer, None)
+
+    def __iter__(self):
+        yield from self.position
+        yield from (layer for layer in self.replaced if layer not in self.position)
+
+    def __len__(self) -> int:
+        return len(self.position) + sum(layer not in self.position for layer in self.replaced)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.position or layer in self.replaced
+
+    def __repr__(self) -> str:
+        return f"RowTable(layers={list(self)}, stacked={tuple(self.stacked.shape)})"
 
 
-def layer_rows(table: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+def layer_rows(table: Mapping[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
     """[len(layers), I, ...]: table[l] for l in `layers`, stacked. A slice of the table's stacked
-    form (no copy) when it is a `RowTable` still holding those rows evenly spaced, else
-    `stack_rows`. The caller checks that every layer is in the table."""
+    form (no copy) when it is a `RowTable` whose rows for those layers lie evenly spaced and were
+    not replaced, else `stack_rows`. The caller checks that every layer is in the table."""
     if isinstance(table, RowTable) and layers:
         pos = list(map(table.position.get, layers, itertools.repeat(-1, len(layers))))
         step = pos[1] - pos[0] if len(pos) > 1 else 1
-        span = slice(pos[0], pos[-1] + 1, step)
         if (pos[0] >= 0 and step > 0 and pos == list(range(pos[0], pos[0] + step * len(pos), step))
-                and all(map(operator.is_, map(table.__getitem__, layers), table.rows[span]))):
-            return table.stacked[span]
+                and not (table.replaced and any(layer in table.replaced for layer in layers))):
+            return table.stacked[pos[0] : pos[-1] + 1 : step]
     return stack_rows([table[layer] for layer in layers])
 
 
