@@ -52,29 +52,44 @@ def test_collected_signals_equal_the_eager_attention(attn, flush_bytes, flush_la
     three layers; flush_layers=1: every layer is a batch, the first settled as soon as it has run."""
     monkeypatch.setattr(vit, "FLUSH_BYTES", flush_bytes)
     monkeypatch.setattr(vit, "FLUSH_LAYERS", flush_layers)
-    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     everything = tuple(range(LAYERS))
     request = Request(cls_attn=everything, cls_value_attn=everything[1:], received_attn=(0, LAYERS - 1),
                       keys=(2, 5), value_norms=everything[::2])
     model = tower(attn)
-    with torch.no_grad():
-        plain = model(pixel_values=pixels).last_hidden_state
-        with vit.collect(vit_layers(model), request) as got:
-            hooked = model(pixel_values=pixels).last_hidden_state
-        ref = reference(pixels)
-    assert torch.equal(plain, hooked)  # the hooks only read
-    for name in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms"):
-        table = getattr(got, name)
-        assert sorted(table) == list(getattr(request, name)), name
-        for layer, value in table.items():
-            torch.testing.assert_close(value, ref[name][layer], atol=1e-5, rtol=1e-4, msg=f"{name} layer {layer}")
-        layers = sorted(table)  # read back stacked, as scorers do: the same rows
-        torch.testing.assert_close(layer_rows(table, layers), torch.stack([ref[name][i] for i in layers]),
-                                   atol=1e-5, rtol=1e-4, msg=name)
-    # the first batch's CLS rows come as one stacked tensor, read back without a copy
-    assert isinstance(got.cls_attn, RowTable) and got.cls_attn.stacked.shape[0] == first_batch
-    # nothing is left pending or held once the encoder has run
-    assert got.cls_attn[LAYERS - 1].shape == (3, 17)
+    hooks = vit.SignalHooks(vit_layers(model), request)
+    for seed in (1, 2):  # twice through the same hooks: what a batch reads is worked out at the first call
+        pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            plain = model(pixel_values=pixels).last_hidden_state
+            with hooks.capture() as got:
+                hooked = model(pixel_values=pixels).last_hidden_state
+            ref = reference(pixels)
+        assert torch.equal(plain, hooked)  # the hooks only read
+        for name in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms"):
+            table = getattr(got, name)
+            assert sorted(table) == list(getattr(request, name)), name
+            for layer, value in table.items():
+                torch.testing.assert_close(value, ref[name][layer], atol=1e-5, rtol=1e-4, msg=f"{name} layer {layer}")
+            layers = sorted(table)  # read back stacked, as scorers do: the same rows
+            torch.testing.assert_close(layer_rows(table, layers), torch.stack([ref[name][i] for i in layers]),
+                                       atol=1e-5, rtol=1e-4, msg=name)
+        # the first batch's CLS rows come as one stacked tensor, read back without a copy
+        assert isinstance(got.cls_attn, RowTable) and got.cls_attn.stacked.shape[0] == first_batch
+        # nothing is left pending or held once the encoder has run
+        assert got.cls_attn[LAYERS - 1].shape == (3, 17)
+        assert not any(kept for sinks in hooks.sinks.values() for _, kept in sinks)
+
+
+def test_a_layer_whose_projection_did_not_run_is_an_error_naming_it():
+    model = tower("sdpa")
+    hooks = vit.SignalHooks(vit_layers(model), Request(cls_attn=(1,), value_norms=(1,)))
+    with pytest.raises(ValueError, match="encoder layer 1 ran without calling k_proj"):
+        with hooks.capture():
+            pass  # the encoder never ran
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad(), hooks.capture() as got:  # and the hooks work again after the error
+        model(pixel_values=pixels)
+    assert got.cls_attn[1].shape == got.value_norms[1].shape == (1, 17)
 
 
 def test_attention_without_projections_is_refused():

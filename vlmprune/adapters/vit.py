@@ -10,6 +10,7 @@ much of what they cost."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 from dataclasses import dataclass, field
@@ -92,10 +93,18 @@ class SignalHooks:
                 wants, heads, scale, keys=idx in request.keys, received=idx in request.received_attn,
                 rows=idx in request.cls_attn or idx in request.cls_value_attn or idx in request.value_norms,
             )
+        self.order = tuple(self.plan)  # ascending: the order the encoder runs them
         # per layer, a list per kept projection: its tap's `append` fills it during a capture
         self.sinks = {idx: [(name, []) for name in plan.wants] for idx, plan in self.plan.items()}
         self.taps = [Tap(getattr(layers[idx].self_attn, f"{name}_proj"), kept.append)
                      for idx, sinks in self.sinks.items() for name, kept in sinks]
+        self.batches: dict[tuple[int, ...], Batch] = {}  # the layers settled together -> their `Batch`
+
+    def batch(self, layers: tuple[int, ...]) -> Batch:
+        """What settling `layers` together reads and makes, worked out once per set of layers."""
+        if layers not in self.batches:
+            self.batches[layers] = Batch.of(self, layers)
+        return self.batches[layers]
 
     @contextlib.contextmanager
     def capture(self, skip: int = 0):
@@ -184,6 +193,11 @@ class LayerPlan:
     rows: bool  # its CLS rows / value norms go into the next stacked batch
 
 
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """`t` without autograd history (signals carry none)."""
+    return t.detach() if t.requires_grad else t
+
+
 def projections(request: Request, layer: int) -> tuple[str, ...]:
     """Which of q / k / v layer `layer` must keep for `request`."""
     need = set()
@@ -194,6 +208,62 @@ def projections(request: Request, layer: int) -> tuple[str, ...]:
     if layer in request.cls_value_attn or layer in request.value_norms:
         need.add("v")
     return tuple(sorted(need))
+
+
+@dataclass
+class RowGroup:
+    """One `attention_rows` call of a batch: the layers of one attention geometry whose CLS query
+    rows (`scored`, from q and k) and CLS value rows (`valued`, from v) it computes, and the sinks
+    their projections are read from."""
+
+    heads: int
+    scale: float
+    scored: list[int] = field(default_factory=list)
+    valued: list[int] = field(default_factory=list)
+    normed: bool = False  # some valued layers' value norms are requested
+    semantic: bool = False  # every valued layer's CLS value row is requested
+    all_normed: bool = False  # every valued layer's value norms are requested
+    queries: list[list] = field(default_factory=list)  # sinks: q of each scored layer, then v of each valued
+    keys: list[list] = field(default_factory=list)  # sinks: k of each scored layer, then v of each valued
+
+
+@dataclass
+class Batch:
+    """The layers settled together: the sinks to read (with their names, for errors), the layers
+    whose keys or received attention are made one by one, and the stacked row computations."""
+
+    sinks: list[tuple[int, str, list]]
+    each: list[int]  # layers with keys or received attention
+    groups: list[RowGroup]
+    lists: list[list] = field(default_factory=list)  # the sinks alone
+
+    @classmethod
+    def of(cls, hooks: SignalHooks, layers: tuple[int, ...]) -> Batch:
+        r, plan = hooks.request, hooks.plan
+        groups: dict[tuple[int, float], RowGroup] = {}
+        for layer in layers:
+            p = plan[layer]
+            if not p.rows:
+                continue
+            g = groups.setdefault((p.heads, p.scale), RowGroup(p.heads, p.scale))
+            if layer in r.cls_attn:
+                g.scored.append(layer)
+            if layer in r.cls_value_attn or layer in r.value_norms:
+                g.valued.append(layer)
+                g.normed |= layer in r.value_norms
+        for g in groups.values():
+            g.semantic = all(layer in r.cls_value_attn for layer in g.valued)
+            g.all_normed = all(layer in r.value_norms for layer in g.valued)
+            sinks = [dict(hooks.sinks[layer]) for layer in g.scored]
+            values = [dict(hooks.sinks[layer])["v"] for layer in g.valued]
+            g.queries = [s["q"] for s in sinks] + values
+            g.keys = [s["k"] for s in sinks] + values
+        return cls(
+            sinks=[(layer, name, kept) for layer in layers for name, kept in hooks.sinks[layer]],
+            each=[layer for layer in layers if plan[layer].keys or plan[layer].received],
+            groups=list(groups.values()),
+            lists=[kept for layer in layers for _, kept in hooks.sinks[layer]],
+        )
 
 
 class _Capture:
@@ -207,7 +277,7 @@ class _Capture:
     def __init__(self, hooks: SignalHooks, skip: int = 0):
         self.hooks, self.request, self.plan, self.skip = hooks, hooks.request, hooks.plan, skip
         self.out = Collected()
-        self.order = list(self.plan)  # ascending: the order the encoder runs them
+        self.order = hooks.order
         self.done = 0  # self.order[:done] are signals already
         self.taps: list[Tap] = []  # put on for this capture only, beyond the hooks' own
 
@@ -264,64 +334,56 @@ class _Capture:
     @torch.no_grad()
     def settle(self, upto: int) -> None:
         """Signals of every pending layer up to `upto`: keys and received attention layer by layer,
-        the CLS rows and value norms of all of them in one stacked batch (see `flush`)."""
-        pending = []
-        while self.done < len(self.order) and self.order[self.done] <= upto:
-            layer = self.order[self.done]
-            self.done += 1
+        the CLS rows and value norms of all of them in stacked computations (see `flush`). What
+        a set of layers reads and makes is worked out once (`SignalHooks.batch`): per call, only
+        the projections are read from their sinks."""
+        end = bisect.bisect_right(self.order, upto, self.done)
+        if end == self.done:
+            return
+        batch = self.hooks.batch(self.order[self.done : end])
+        self.done = end
+        if not all(batch.lists):
+            layer, name = next((layer, name) for layer, name, kept in batch.sinks if not kept)
+            raise ValueError(
+                f"vlmprune: the attention of encoder layer {layer} ran without calling {name}_proj; "
+                f"this encoder needs its own adapter"
+            )
+        for layer in batch.each:
             plan = self.plan[layer]
-            got = {}
-            for name, kept in self.hooks.sinks[layer]:
-                if not kept:
-                    raise ValueError(
-                        f"vlmprune: the attention of encoder layer {layer} ran without calling {name}_proj; "
-                        f"this encoder needs its own adapter"
-                    )
-                out = kept.pop()  # the last call's, if a projection ran twice
-                kept.clear()
-                got[name] = out.detach() if out.requires_grad else out  # signals carry no autograd history
+            got = {name: detached(kept[-1]) for name, kept in self.hooks.sinks[layer]}  # the last call's
             if plan.keys:
                 self.out.keys[layer] = got["k"]
             if plan.received:
                 rows = received_attention(got["q"], got["k"], plan.heads, plan.scale)
                 self.out.received_attn[layer] = rows[:, self.skip :]
-            if plan.rows:
-                pending.append((layer, plan.heads, plan.scale, got))
-        if pending:
-            self.flush(pending)
+        for group in batch.groups:
+            self.flush(group)
+        for kept in batch.lists:
+            kept.clear()
 
-    def flush(self, pending: list[tuple[int, int, float, dict[str, torch.Tensor]]]) -> None:
+    def flush(self, group: RowGroup) -> None:
         """The CLS rows (CLS query . keys, scaled; CLS value . values, unscaled) and value norms of
-        the pending layers: per attention geometry (one, in any ViT) one `attention_rows` call
-        over all of them (on CUDA one kernel reading the projections where they lie)."""
-        r = self.request
-        groups: dict[tuple[int, float], list[tuple[int, dict]]] = {}
-        for layer, heads, scale, got in pending:
-            groups.setdefault((heads, scale), []).append((layer, got))
-        for (heads, scale), group in groups.items():
-            scored = [(layer, got["q"], got["k"]) for layer, got in group if layer in r.cls_attn]
-            valued = [(layer, got["v"], got["v"]) for layer, got in group
-                      if layer in r.cls_value_attn or layer in r.value_norms]
-            rows = scored + valued
-            normed = any(layer in r.value_norms for layer, _, _ in valued)
-            probs, norms = attention_rows([q for _, q, _ in rows], [k for _, _, k in rows], heads, scale,
-                                          scaled=len(scored), norms_from=len(scored) if normed else None)
-            probs = probs[:, :, self.skip :]
-            valued_layers = [layer for layer, _, _ in valued]
-            self._put("cls_attn", probs[: len(scored)], [layer for layer, _, _ in scored])
-            self._put("cls_value_attn", probs[len(scored) :], valued_layers)
-            if normed:
-                self._put("value_norms", norms, valued_layers)
+        one group's layers in one `attention_rows` call (on CUDA one kernel reading the projections
+        where they lie; no autograd history: `settle` runs without grad)."""
+        scored = len(group.scored)
+        probs, norms = attention_rows([kept[-1] for kept in group.queries], [kept[-1] for kept in group.keys],
+                                      group.heads, group.scale, scaled=scored,
+                                      norms_from=scored if group.normed else None)
+        probs = probs[:, :, self.skip :]
+        self._put("cls_attn", probs[:scored], group.scored, True)
+        self._put("cls_value_attn", probs[scored:], group.valued, group.semantic)
+        if group.normed:
+            self._put("value_norms", norms, group.valued, group.all_normed)
 
-    def _put(self, name: str, stack: torch.Tensor, layers: list[int]) -> None:
+    def _put(self, name: str, stack: torch.Tensor, layers: list[int], whole: bool) -> None:
         """The requested ones of `stack`'s rows (one per layer of `layers`) into the `name` table:
         as a `RowTable` (scorers read it back stacked, see `layer_rows`) when they are all
-        requested and the table's first batch, else entry by entry."""
-        wanted = getattr(self.request, name)
+        requested (`whole`) and the table's first batch, else entry by entry."""
         table = getattr(self.out, name)
-        if layers and not table and all(layer in wanted for layer in layers):
+        if layers and whole and not table:
             setattr(self.out, name, RowTable(stack, layers))
             return
+        wanted = getattr(self.request, name)
         table.update((layer, row) for layer, row in zip(layers, stack.unbind(0)) if layer in wanted)
 
 

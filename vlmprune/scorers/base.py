@@ -126,7 +126,7 @@ class RowTable(MutableMapping):
 
     def __init__(self, stacked: torch.Tensor, layers: Sequence[int]):
         self.stacked = stacked
-        self.position = {layer: i for i, layer in enumerate(layers)}
+        self.position = dict(zip(layers, range(len(layers))))
         self.replaced: dict[int, torch.Tensor] = {}  # entries set after the table was made
 
     def __getitem__(self, layer: int) -> torch.Tensor:
