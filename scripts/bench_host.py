@@ -69,11 +69,11 @@ def main() -> None:
     pv = torch.randn(args.batch, 3, size, size, device=dev, dtype=model.dtype)
     inputs = {k: v.to(dev) for k, v in prompt(model, args.batch, side * side).items()}
     times: dict[str, list[tuple[float, float]]] = {}
-    saved = {name: getattr(base, name) for name in STEPS if name != "signals_for"}
-    saved_signals = base.Adapter.signals_for
+    # where the prefill looks each step up: the adapter's method, the others module-level in base
+    owners = {name: base.Adapter if name == "signals_for" else base for name in STEPS}
+    saved = {name: getattr(owners[name], name) for name in STEPS}
     for name, fn in saved.items():
-        setattr(base, name, timed(times, name, fn))
-    base.Adapter.signals_for = timed(times, "signals_for", saved_signals)
+        setattr(owners[name], name, timed(times, name, fn))
     print(f"{dev}, batch {args.batch}, keep {args.keep}, {args.dims} dims; medians of {args.repeats} prefills, us\n")
     print("| method | " + " | ".join(f"{s} in place / warm" for s in STEPS) + " | sum in place / warm |")
     print("|---|" + "---|" * (len(STEPS) + 1))
@@ -92,8 +92,7 @@ def main() -> None:
                 print(f"| {method} | " + " | ".join(f"{a:.0f} / {b:.0f}" for a, b in cells + [total]) + " |", flush=True)
     finally:
         for name, fn in saved.items():
-            setattr(base, name, fn)
-        base.Adapter.signals_for = saved_signals
+            setattr(owners[name], name, fn)
 
 
 if __name__ == "__main__":

@@ -258,11 +258,12 @@ class Batch:
             values = [dict(hooks.sinks[layer])["v"] for layer in g.valued]
             g.queries = [s["q"] for s in sinks] + values
             g.keys = [s["k"] for s in sinks] + values
+        sinks = [(layer, name, kept) for layer in layers for name, kept in hooks.sinks[layer]]
         return cls(
-            sinks=[(layer, name, kept) for layer in layers for name, kept in hooks.sinks[layer]],
+            sinks=sinks,
             each=[layer for layer in layers if plan[layer].keys or plan[layer].received],
             groups=list(groups.values()),
-            lists=[kept for layer in layers for _, kept in hooks.sinks[layer]],
+            lists=[kept for _, _, kept in sinks],
         )
 
 
