@@ -18,7 +18,7 @@ from torch import nn
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
-from vlmprune.kernels.assemble import assemble, plan_layout
+from vlmprune.kernels.assemble import Layout, assemble, plan_layout
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, budget, stack_rows
 
 STATE_ATTR = "_vlmprune_state"
@@ -90,6 +90,31 @@ class Recorded:
 
     tables: dict[str, dict[int, torch.Tensor]]
     size: int
+    grids: list[tuple[int, int]] | None = None  # each image's token grid, where the encoder call says it
+
+
+@dataclass
+class Prompt:
+    """A prefill's prompt on the host, read once before the encoder is launched."""
+
+    ids: torch.Tensor  # [B, L]
+    mask: torch.Tensor | None  # [B, L] or None
+    is_visual: torch.Tensor  # [B, L] bool: a visual token of any kind (image, video)
+    row_counts: list[int]  # visual tokens per row
+    right_padded: bool
+
+
+@dataclass
+class Encoded:
+    """The visual items (images, videos) of a prefill, in the order their tokens appear in the
+    prompt: each item's features [N_i, D] and token grid, and the encoder outputs by kind as HF
+    returns them (for a call that prunes nothing)."""
+
+    feats: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    outputs: dict[str, Any]
+    kinds: list[str] | None = None  # per item: "image" or "video" (None: all images)
+    index: list[int] | None = None  # per item: its place among the items of its kind
 
 
 class Adapter:
@@ -99,20 +124,34 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     model_classes: ClassVar[tuple[str, ...]] = ()
     default_positions: ClassVar[str] = "compact"
-    encoder_method: ClassVar[str] = "get_image_features"
+    position_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
+    encoder_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
 
     def __init__(self, model: nn.Module, config: PruneConfig):
         self.model = model
         self.config = config
         if config.positions is None:
             config.positions = self.default_positions
+        if config.positions not in self.position_modes:
+            raise ValueError(
+                f"positions={config.positions!r} is not defined for {type(model).__name__}; use one of "
+                f"{list(self.position_modes)} (DESIGN §2)"
+            )
         self.info = self.encoder_info()
         self.stage = config.vision_stage
-        self.request = self.stage.scorer.needs(self.info) if self.stage else Request()
-        self.check_request(self.request)
+        self.request = Request()
+        if self.stage is not None:
+            try:
+                self.request = self.stage.scorer.needs(self.info)
+                self.check_request(self.request)
+            except ValueError as e:
+                raise ValueError(
+                    f"{e}. Method {self.stage.method!r} does not run on {type(model).__name__}; the methods that "
+                    f"do: {self.supported_methods()}"
+                ) from None
         self._last: list[list[torch.Tensor]] | PendingSelection | None = None
         self._signals: dict[int, tuple[weakref.ref, Recorded, int]] = {}  # id(features) -> (ref, batch, row)
-        self._saved_encoder: Any = None
+        self._saved_encoder: dict[str, Any] = {}
         for stage in config.stages:
             if stage.where != "vision":
                 raise ValueError(
@@ -128,7 +167,7 @@ class Adapter:
         raise NotImplementedError
 
     def encoder_owner(self) -> nn.Module:
-        """The module whose `encoder_method` turns pixels into visual tokens (HF's base model);
+        """The module whose `encoder_methods` turn pixels into visual tokens (HF's base model);
         `generate()` calls it before the prefill, so the signals are collected there."""
         raise NotImplementedError
 
@@ -146,53 +185,86 @@ class Adapter:
         """Signal names this family can compute."""
         return {"features", *SIGNAL_NAMES}
 
+    def supported_methods(self) -> list[str]:
+        """The registered vision-stage methods (default options) whose signals this model provides."""
+        from vlmprune.scorers import available_methods, build_scorer, scorer_class
+
+        ok = []
+        for name in available_methods():
+            if scorer_class(name).stage != "vision":
+                continue
+            try:
+                self.check_request(build_scorer(name).needs(self.info), name)
+            except ValueError:
+                continue
+            ok.append(name)
+        return ok
+
     # --- install --------------------------------------------------------------------------
     def install(self) -> None:
-        """Wrap the encoder method so every image it encodes has its signals recorded."""
+        """Wrap the encoder methods so every image (video) they encode has its signals recorded."""
         owner = self.encoder_owner()
-        self._saved_encoder = owner.__dict__.get(self.encoder_method, _MISSING)
-        orig = getattr(owner, self.encoder_method)
+        for method in self.encoder_methods:
+            self._saved_encoder[method] = owner.__dict__.get(method, _MISSING)
+            setattr(owner, method, self.wrap_encoder(getattr(owner, method)))
 
+    def wrap_encoder(self, orig: Callable) -> Callable:
         @functools.wraps(orig)
         def encode(*args, **kwargs):
             inputs = bind_inputs(orig, args, kwargs)
             with self.collecting(inputs) as finish:
                 out = orig(*args, **kwargs)
-            self.record(list(out.pooler_output), finish(out))
+            self.record(list(out.pooler_output), finish(out), self.encoder_grids(inputs))
             return out
 
-        setattr(owner, self.encoder_method, encode)
+        return encode
 
     def uninstall(self) -> None:
         owner = self.encoder_owner()
-        if self._saved_encoder is _MISSING:
-            owner.__dict__.pop(self.encoder_method, None)
-        elif self._saved_encoder is not None:
-            setattr(owner, self.encoder_method, self._saved_encoder)
-        self._saved_encoder = None
+        for method, saved in self._saved_encoder.items():
+            if saved is _MISSING:
+                owner.__dict__.pop(method, None)
+            else:
+                setattr(owner, method, saved)
+        self._saved_encoder = {}
         self._signals.clear()
 
-    def record(self, feats: list[torch.Tensor], tables: dict[str, dict[int, torch.Tensor]]) -> None:
+    def encoder_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """Each encoded image's token grid, from the encoder call's inputs (None: the encoder's grid)."""
+        return None
+
+    def recorded_grid(self, feats: torch.Tensor) -> tuple[int, int] | None:
+        """The grid recorded when these features were encoded (None if they were not, or had none)."""
+        ref, batch, row = self._signals.get(id(feats), (None, None, None))
+        if ref is None or ref() is not feats or batch.grids is None:
+            return None
+        return batch.grids[row]
+
+    def record(self, feats: list[torch.Tensor], tables: dict[str, dict[int, torch.Tensor]],
+               grids: list[tuple[int, int]] | None = None) -> None:
         """Remember the signals of an encoder call under each image's feature tensor (generate()
         may repeat the same tensors for beams / return sequences, so identity is the key)."""
         self._signals = {k: v for k, v in self._signals.items() if v[0]() is not None}
-        batch = Recorded(tables, len(feats))
+        batch = Recorded(tables, len(feats), grids)
         for row, f in enumerate(feats):
             self._signals[id(f)] = (weakref.ref(f), batch, row)
 
-    def signals_for(self, feats: list[torch.Tensor]) -> Signals:
+    def signals_for(self, feats: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> Signals:
         """The recorded signals of these images as one padded `Signals`: the encoder call's own
         batched tensors when `feats` are its images in order (the prefill's case: no copy),
-        else their rows stacked."""
+        else their rows stacked. `grids`: each image's token grid (default: the encoder's)."""
         padded = stack_padded(feats)
         n = padded.shape[1]
         counts = tuple(int(f.shape[0]) for f in feats)
+        if grids is None:
+            grids = [self.image_grid(c) for c in counts]
         signals = Signals(
             n_valid=to_device(counts, padded.device),
-            grid=self.info.grid if self.info.grid[0] * self.info.grid[1] == n else (1, n),
+            grid=grids[0] if grids and all(g == grids[0] for g in grids) and grids[0][0] * grids[0][1] == n else (1, n),
             info=self.info,
             features=padded,
             counts=counts,
+            grids=tuple(grids),
         )
         wanted = [name for name in SIGNAL_NAMES if getattr(self.request, name)]
         if not wanted:
@@ -218,21 +290,29 @@ class Adapter:
                 table[layer] = stack_padded([b.tables[name][layer][r] for b, r in found])
         return signals
 
+    def image_grid(self, n: int) -> tuple[int, int]:
+        """The token grid of an image of n tokens: the encoder's, or one row where it does not fit."""
+        grid = self.info.grid
+        return grid if grid is not None and grid[0] * grid[1] == n else (1, n)
+
     # --- shared -------------------------------------------------------------------------
-    def check_request(self, request: Request) -> None:
+    def check_request(self, request: Request, method: str | None = None) -> None:
         """Raise if the scorer needs a signal, or a layer, this model cannot provide."""
         have = self.provides()
+        method = method or self.stage.method
+        if request.features and "features" not in have:
+            raise ValueError(f"method {method!r} needs the visual-token features, which this adapter does not give")
         for name in SIGNAL_NAMES:
             layers = getattr(request, name)
             if layers and name not in have:
                 raise ValueError(
-                    f"method {self.stage.method!r} needs signal {name!r}, which {type(self.model).__name__} "
+                    f"method {method!r} needs signal {name!r}, which {type(self.model).__name__} "
                     f"cannot provide; it provides {sorted(have)}"
                 )
             bad = [layer for layer in layers if not 0 <= layer < self.info.num_layers]
             if bad:
                 raise ValueError(
-                    f"method {self.stage.method!r} asks for encoder layer(s) {bad}; this encoder has layers "
+                    f"method {method!r} asks for encoder layer(s) {bad}; this encoder has layers "
                     f"0..{self.info.num_layers - 1}"
                 )
 
@@ -254,7 +334,14 @@ class Adapter:
         mm = inputs.get("mm_encoder_outputs") or {}
         return inputs.get("pixel_values") is not None or mm.get("image") is not None
 
-    def prefill(self, orig: Callable, inputs: dict[str, Any]):
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholder token ids of every visual kind, in the order of `Encoded.kinds` names."""
+        return (self.visual_token_id(),)
+
+    def read_prompt(self, inputs: dict[str, Any]) -> Prompt:
+        """The prompt on the host, read before the encoder is launched (a read waits for the device;
+        after the launch it would stall the host until the encoder is done): the pruned layout is
+        planned from it, so nothing after the encoder waits for the device."""
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
@@ -264,35 +351,42 @@ class Adapter:
                 f"vlmprune: pruning needs a 2-D attention_mask shaped like input_ids {tuple(input_ids.shape)} "
                 f"(or none); got shape {tuple(mask.shape)}"
             )
-        # the prompt on the host, read before the encoder is launched (a read waits for the device;
-        # after the launch it would stall the host until the encoder is done): the pruned layout is
-        # planned from it, so nothing below waits for the device
         if mask is None or mask.device != input_ids.device:
             ids_host, mask_host = input_ids.cpu(), None if mask is None else mask.cpu()
         else:  # one read for both
             ids_host, mask_host = torch.stack([input_ids, mask.to(input_ids.dtype)]).cpu().unbind(0)
-        is_visual = ids_host == self.visual_token_id()
-        row_counts = is_visual.sum(1).tolist()
+        token_ids = self.visual_token_ids()
+        is_visual = ids_host == token_ids[0]
+        for t in token_ids[1:]:
+            is_visual |= ids_host == t
         right_padded = mask_host is not None and bool((mask_host[:, -1] == 0).any())
+        return Prompt(ids_host, mask_host, is_visual, is_visual.sum(1).tolist(), right_padded)
+
+    def encode(self, inputs: dict[str, Any], prompt: Prompt) -> Encoded:
+        """The prefill's visual items in prompt order (one kind here: images)."""
         encoded = self.encode_images(inputs)
         feats = list(encoded.pooler_output)
+        return Encoded(feats, [self.image_grid(int(f.shape[0])) for f in feats], {"image": encoded})
+
+    def prefill(self, orig: Callable, inputs: dict[str, Any]):
+        prompt = self.read_prompt(inputs)
+        enc = self.encode(inputs, prompt)
+        feats = enc.feats
         per_image = [int(f.shape[0]) for f in feats]
-        if sum(row_counts) != sum(per_image):
+        if sum(prompt.row_counts) != sum(per_image):
             raise ValueError(
-                f"vlmprune: the prompt holds {sum(row_counts)} image tokens but the images give "
+                f"vlmprune: the prompt holds {sum(prompt.row_counts)} image tokens but the images give "
                 f"{sum(per_image)} visual tokens ({per_image}); check the processor output"
             )
-        rest = {k: v for k, v in inputs.items() if k not in self.visual_input_names()}
         kept = [self.config.kept(n) for n in per_image]
-        rows = images_by_row(row_counts, per_image)
+        rows = images_by_row(prompt.row_counts, per_image)
         if kept == per_image or self.stage is None:
             self._last = [[torch.arange(per_image[i]) for i in row] for row in rows]
-            return orig(**rest, mm_encoder_outputs={"image": encoded})
+            return orig(**self.unpruned_inputs(inputs, enc))
 
-        needs_index = inputs.get("labels") is not None or inputs.get("position_ids") is not None \
-            or self.config.positions == "original"
-        layout = plan_layout(ids_host, is_visual, per_image, kept, right_padded, mask_host, columns=needs_index)
-        signals = self.signals_for(feats)
+        layout = plan_layout(prompt.ids, prompt.is_visual, per_image, kept, prompt.right_padded, prompt.mask,
+                             columns=self.needs_columns(inputs))
+        signals = self.signals_for(feats, enc.grids)
         k = torch.tensor(kept)  # on the host: the kernels read budgets without a device sync
         idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
         if type(self.stage.scorer).select is not Scorer.select:  # a scorer's own selection: check the plan
@@ -301,29 +395,49 @@ class Adapter:
         if idx.device.type == "cpu":
             self._last = self._last.resolve()  # the host has them anyway: check the plan at once
 
+        call, state = self.pruned_inputs(inputs, layout, idx, visual, kept, enc)
+        result = orig(**call)
+        cache = output_cache(result)
+        if cache is not None:
+            setattr(cache, STATE_ATTR, state)
+        self.after_prefill(state)
+        return result
+
+    def needs_columns(self, inputs: dict[str, Any]) -> bool:
+        """Whether the pruned layout must say each place's prompt column (positions, labels)."""
+        return inputs.get("labels") is not None or inputs.get("position_ids") is not None \
+            or self.config.positions == "original"
+
+    def unpruned_inputs(self, inputs: dict[str, Any], enc: Encoded) -> dict[str, Any]:
+        """The forward's kwargs when nothing is pruned: the encoder outputs handed over as they are."""
+        rest = {k: v for k, v in inputs.items() if k not in self.visual_input_names()}
+        return {**rest, "mm_encoder_outputs": enc.outputs}
+
+    def pruned_inputs(self, inputs: dict[str, Any], layout: Layout, idx: torch.Tensor, visual: torch.Tensor,
+                      kept: list[int], enc: Encoded) -> tuple[dict[str, Any], DecodeState]:
+        """The forward's kwargs for the pruned prefill (the kept visual rows written into
+        `inputs_embeds`) and the state its decode steps need."""
+        needs_index = self.needs_columns(inputs)
         out = assemble(
             self.model.get_input_embeddings(),
             layout,
             kept_rows(visual, kept),
             kept_rows(idx.unsqueeze(-1), kept).squeeze(-1) if needs_index else None,
-            attention_mask=mask,
+            attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),
             labels=inputs.get("labels"),
             positions=self.config.positions,
         )
+        rest = {k: v for k, v in inputs.items() if k not in self.visual_input_names()}
         rest.update(input_ids=None, inputs_embeds=out.inputs_embeds, attention_mask=out.attention_mask)
         rest["position_ids"] = out.position_ids
         if inputs.get("labels") is not None:
             rest["labels"] = out.labels
-        result = orig(**rest)
-        cache = output_cache(result)
-        if cache is not None:
-            setattr(
-                cache,
-                STATE_ATTR,
-                DecodeState(out.orig_len, out.new_len, out.attention_mask, out.removed, self.config.positions),
-            )
-        return result
+        state = DecodeState(out.orig_len, out.new_len, out.attention_mask, out.removed, self.config.positions)
+        return rest, state
+
+    def after_prefill(self, state: DecodeState) -> None:
+        """Family bookkeeping after a pruned prefill (Qwen: the rope deltas of decode steps)."""
 
     def visual_input_names(self) -> tuple[str, ...]:
         return ("pixel_values", "image_sizes", "mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy")

@@ -98,3 +98,112 @@ def left_pad(rows: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+# --- Qwen-VL families ------------------------------------------------------------------------------
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 95, 96, 97, 98
+"""Placeholder ids of the tiny Qwen models: image pad, video pad, vision start, vision end."""
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 4, 2, 2
+
+
+def qwen_config(family: str = "qwen2_vl", *, attn: str = "sdpa", vision_layers: int = 4, vision_hidden: int = 32,
+                vision_heads: int = 4, text_hidden: int = 32, text_layers: int = 2, text_heads: int = 4,
+                text_kv_heads: int = 2, vocab_size: int = 100, patch_size: int = QWEN_PATCH, window_size: int = 16,
+                fullatt: tuple[int, ...] = (1, 3), vision_intermediate: int | None = None,
+                text_intermediate: int | None = None, out_hidden: int | None = None, rope_theta: float = 10000.0,
+                mrope_section: list[int] | None = None, deepstack: tuple[int, ...] = (0, 2)):
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL config; defaults are tiny (4 px patches, 2x2 merge: one
+    visual token per 8x8 px; Qwen2.5-VL: windows of 16 px, full attention in blocks `fullatt`;
+    Qwen3-VL: deepstack features from blocks `deepstack`). `qwen2_5_vl_7b_config()` gives real shapes."""
+    import transformers
+
+    head_dim = text_hidden // text_heads
+    half = head_dim // 2
+    section = mrope_section or [half - 2 * ((half - half // 4) // 2)] + [(half - half // 4) // 2] * 2
+    text = dict(vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
+                num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
+                max_position_embeddings=32768, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": rope_theta})
+    vision = dict(depth=vision_layers, num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=QWEN_MERGE,
+                  temporal_patch_size=QWEN_TEMPORAL, in_channels=3)
+    out = out_hidden or text_hidden
+    if family == "qwen2_vl":
+        vision.update(embed_dim=vision_hidden, hidden_size=out, mlp_ratio=(vision_intermediate or 2 * vision_hidden) // vision_hidden)
+        cls = transformers.Qwen2VLConfig
+    elif family == "qwen2_5_vl":
+        vision.update(hidden_size=vision_hidden, out_hidden_size=out, intermediate_size=vision_intermediate or 2 * vision_hidden,
+                      window_size=window_size, fullatt_block_indexes=list(fullatt))
+        cls = transformers.Qwen2_5_VLConfig
+    elif family == "qwen3_vl":
+        vision.update(hidden_size=vision_hidden, out_hidden_size=out, intermediate_size=vision_intermediate or 2 * vision_hidden,
+                      deepstack_visual_indexes=list(deepstack), num_position_embeddings=64)
+        text.update(head_dim=head_dim)
+        cls = transformers.Qwen3VLConfig
+    else:
+        raise ValueError(f"family must be one of {QWEN_FAMILIES}, got {family!r}")
+    cfg = cls(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+              vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def qwen2_5_vl_7b_config(attn: str = "sdpa"):
+    """Qwen2.5-VL-7B shapes: a 32-block ViT (1280 wide, 14 px patches, 112 px windows, full attention
+    in blocks 7/15/23/31) merging 2x2 patches into a 28-layer 3584-wide Qwen2 decoder."""
+    cfg = qwen_config("qwen2_5_vl", attn=attn, vision_layers=32, vision_hidden=1280, vision_heads=16,
+                      vision_intermediate=3420, patch_size=14, window_size=112, fullatt=(7, 15, 23, 31),
+                      text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+                      vocab_size=152064, rope_theta=1e6, mrope_section=[16, 24, 24])
+    cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id = 151655, 151656, 151652, 151653
+    return cfg
+
+
+def tiny_qwen(family: str = "qwen2_vl", attn: str = "sdpa", seed: int = 0, **overrides):
+    """A random Qwen-VL model of `family` (see `qwen_config`)."""
+    import transformers
+
+    cfg = qwen_config(family, attn=attn, **overrides)
+    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": getattr(transformers, "Qwen3VLForConditionalGeneration", None)}[family]
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def qwen_inputs(rows: list[list[tuple[str, tuple[int, int, int]]]], *, patch_size: int = QWEN_PATCH, seed: int = 0,
+                before: int = 3, after: int = 4, vocab: int = 90, pad_side: str = "left") -> dict[str, torch.Tensor]:
+    """A padded batch for a Qwen-VL model: rows[b] lists the row's items as (kind, (t, h, w)) with
+    kind "image" or "video" and (t, h, w) the patch grid (t frames after temporal merging; h, w
+    multiples of the 2x2 merge), each item's placeholders between vision start/end tokens amid
+    random text. Gives input_ids, attention_mask, mm_token_type_ids, pixel_values(+_videos) and
+    the grids, as the processor would."""
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * QWEN_TEMPORAL * patch_size * patch_size
+    seqs, types, pixels, grids = [], [], {"image": [], "video": []}, {"image": [], "video": []}
+    for b, items in enumerate(rows):
+        ids = torch.randint(3, vocab, (before,), generator=g).tolist()
+        for kind, (t, h, w) in items:
+            n = t * h * w // QWEN_MERGE**2
+            ids += [QWEN_START] + [QWEN_IMAGE if kind == "image" else QWEN_VIDEO] * n + [QWEN_END]
+            pixels[kind].append(torch.randn(t * h * w, width, generator=g))
+            grids[kind].append([t, h, w])
+        ids += torch.randint(3, vocab, (after + b,), generator=g).tolist()
+        seqs.append(ids)
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for b, s in enumerate(seqs):
+        cols = slice(longest - len(s), longest) if pad_side == "left" else slice(0, len(s))
+        input_ids[b, cols] = torch.tensor(s)
+        mask[b, cols] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask,
+           "mm_token_type_ids": (input_ids == QWEN_IMAGE).int() + 2 * (input_ids == QWEN_VIDEO).int()}
+    if pixels["image"]:
+        out.update(pixel_values=torch.cat(pixels["image"]), image_grid_thw=torch.tensor(grids["image"]))
+    if pixels["video"]:
+        out.update(pixel_values_videos=torch.cat(pixels["video"]), video_grid_thw=torch.tensor(grids["video"]))
+    return out

@@ -204,3 +204,17 @@ def assemble(
             if pads.numel():
                 new_labels.view(-1).index_fill_(0, pads, -100)
     return Assembled(embeds, mask, pos, new_labels, removed, layout.orig_len, new_len)
+
+
+def place_columns(layout: Layout, visual_index: torch.Tensor, device) -> torch.Tensor:
+    """[B, new_len] on `device`: each place's prompt column (a kept visual token: its image's first
+    column + its index in the image; padding: 0), from a layout planned with columns=True. Families
+    whose positions are not a function of the column alone (Qwen's M-RoPE) gather theirs with it."""
+    if layout.source is None:
+        raise ValueError("place_columns: needs a layout planned with columns=True")
+    parts = [layout.source, layout.visual, layout.image_start]
+    host = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False))
+    source, visual, image_start = to_device(host, device).split([p.size for p in parts])
+    if visual.numel():
+        source.index_copy_(0, visual, image_start + visual_index.to(device))
+    return source.view(layout.ids.shape)

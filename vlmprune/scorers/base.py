@@ -17,12 +17,13 @@ class EncoderInfo:
     """Model-agnostic facts about the vision encoder that a scorer may use to pick its layers.
 
     `feature_layer` is the 0-based index of the encoder layer whose output becomes the visual
-    tokens (e.g. 22 for CLIP-L with `vision_feature_layer=-2`)."""
+    tokens (e.g. 22 for CLIP-L with `vision_feature_layer=-2`); `grid` the token grid every image
+    has, None where each image has its own (Qwen's dynamic resolution: see `Signals.grids`)."""
 
     num_layers: int
     feature_layer: int
     has_cls: bool
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,10 @@ class Signals:
     `cls_value_attn[l]` [I, N] float32 (FlowCut's semantic relevance): with v = v_proj of layer
     l's layer-normed input split into heads, per head the softmax over all T encoder tokens j
     (CLS included) of the unscaled dot product v_cls . v_j, then the head mean, restricted to the
-    N visual tokens like `cls_attn`."""
+    N visual tokens like `cls_attn`.
+
+    `grids[i]` is image i's (rows, columns) token grid in raster order (a video's frames stacked
+    as rows: t*h x w); `grid` is the grid all images share, or (1, N) when they differ."""
 
     n_valid: torch.Tensor
     grid: tuple[int, int]
@@ -79,6 +83,11 @@ class Signals:
     counts: tuple[int, ...] | None = None
     """`n_valid` on the host when the adapter knows it: scorers size their work from it without
     waiting for the device (`valid_counts`)."""
+    grids: tuple[tuple[int, int], ...] | None = None
+
+    def image_grids(self) -> list[tuple[int, int]]:
+        """Each image's (rows, columns) token grid: `grids`, or `grid` for every image."""
+        return list(self.grids) if self.grids is not None else [self.grid] * self.num_images
 
     def valid_counts(self) -> list[int]:
         """`n_valid` as Python ints (a device sync only when `counts` is not given)."""

@@ -8,6 +8,7 @@ import math
 import torch
 
 from vlmprune.kernels.hiprune import hiprune_select
+from vlmprune.kernels.select import to_device
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Selection, Signals, budget, register
 from vlmprune.scorers.cls_attention import (
     attention,
@@ -41,7 +42,9 @@ class HiPruneScorer(Scorer):
       unused slots go to the registers.
     - Registers: the remaining k - chosen slots, the highest head-mean CLS attention in the
       feature (output) layer among the tokens not chosen yet, ties to the lower index.
-    On encoders without a CLS token the mean received attention replaces the CLS attention."""
+    On encoders without a CLS token the mean received attention replaces the CLS attention.
+    Each image's own grid (`Signals.grids`) gives its neighbours; a video's frames are stacked as
+    rows, so the rows at a frame's edge neighbour the next frame's."""
 
     name = "hiprune"
     paper = "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision-Language Models, 2025"
@@ -74,4 +77,15 @@ class HiPruneScorer(Scorer):
         ks = budget(k, counts)
         # per image, on the host: m slots for anchors + buffers (the kernel takes ceil(m / 5) anchors)
         slots = [min(ki, math.floor(self.alpha * ki + 0.5)) for ki in ks]
-        return Selection(indices=hiprune_select(obj, reg, ks, counts, slots, signals.grid))
+        grids = signals.image_grids()
+        if all(g == grids[0] for g in grids) and grids[0][0] * grids[0][1] == obj.shape[1]:
+            return Selection(indices=hiprune_select(obj, reg, ks, counts, slots, grids[0]))
+        # images of different grids (Qwen's dynamic resolution): one kernel call per grid
+        out = torch.full((len(ks), max(ks, default=0)), -1, dtype=torch.long, device=obj.device)
+        for grid in dict.fromkeys(grids):
+            rows = [i for i, g in enumerate(grids) if g == grid]
+            sel, n = to_device(rows, obj.device), grid[0] * grid[1]
+            part = hiprune_select(obj[sel, :n], reg[sel, :n], [ks[i] for i in rows], [counts[i] for i in rows],
+                                  [slots[i] for i in rows], grid)
+            out[sel, : part.shape[1]] = part
+        return Selection(indices=out)

@@ -59,17 +59,21 @@ def strided_grid(h: int, w: int, k: int) -> torch.Tensor:
 
 @register
 class UniformScorer(Scorer):
-    """Evenly strided subset over the 2-D token grid: the pooling baseline."""
+    """Evenly strided subset over the 2-D token grid: the pooling baseline. Each image uses its
+    own grid (Qwen: the merged-token grid; a video's frames stacked as rows, so the lattice
+    spreads over frames as well as space)."""
 
     name = "uniform"
     paper = "baseline"
 
     def select(self, signals: Signals, k: torch.Tensor):
-        h, w = signals.grid
-        if h * w != signals.num_tokens:
-            raise ValueError(f"uniform: grid {h}x{w} does not cover the {signals.num_tokens} visual tokens")
-        ks = budget(k, signals.valid_counts())  # on the host: no device sync
+        counts = signals.valid_counts()
+        grids = signals.image_grids()
+        for i, ((h, w), c) in enumerate(zip(grids, counts)):
+            if h * w != c:
+                raise ValueError(f"uniform: grid {h}x{w} of image {i} does not cover its {c} visual tokens")
+        ks = budget(k, counts)  # on the host: no device sync
         idx = torch.full((signals.num_images, max(ks, default=0)), -1, dtype=torch.long)
-        for i, ki in enumerate(ks):
+        for i, (ki, (h, w)) in enumerate(zip(ks, grids)):
             idx[i, :ki] = strided_grid(h, w, ki)
         return Selection(indices=to_device(idx, signals.n_valid.device))
