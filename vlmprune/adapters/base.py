@@ -38,7 +38,8 @@ class DecodeState:
     new_len: int
     mask: torch.Tensor | None
     removed: torch.Tensor
-    positions: str
+    positions: str  # "compact" / "original" (1-D ids), or "mrope": the family maps them (Qwen)
+    rope_deltas: torch.Tensor | None = None  # M-RoPE: [B, 1] next id - attended tokens, per row
 
 
 def find_cache(inputs: dict[str, Any]) -> Any:

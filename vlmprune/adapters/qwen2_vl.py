@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmprune.adapters.base import Adapter, DecodeState, Encoded, Prompt, kept_rows, register_adapter, stack_padded
+from vlmprune.adapters.base import (
+    Adapter, DecodeState, Encoded, Prompt, find_cache, kept_rows, register_adapter, stack_padded,
+)
 from vlmprune.adapters.vit import Tap, detached, received_attention
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
@@ -190,9 +192,9 @@ class QwenVLAdapter(Adapter):
         # decode steps continue at the unpruned ids: the next id is the largest kept one + 1
         valid = mask.bool() if mask is not None else torch.ones(pos.shape[1:], dtype=torch.bool, device=device)
         top = pos.masked_fill(~valid[None], torch.iinfo(pos.dtype).min).amax(dim=(0, 2))
-        self._rope_deltas = (top + 1 - valid.sum(1))[:, None]
         removed = layout.orig_len - np.asarray(layout.lens, dtype=np.int64)
-        state = DecodeState(layout.orig_len, layout.new_len, mask, torch.from_numpy(removed).to(device), "mrope")
+        state = DecodeState(layout.orig_len, layout.new_len, mask, torch.from_numpy(removed).to(device), "mrope",
+                            rope_deltas=(top + 1 - valid.sum(1))[:, None])
         return call, state
 
     def kept_outputs(self, enc: Encoded, idx: torch.Tensor, rows: torch.Tensor, kept: list[int]) -> dict[str, Any]:
@@ -218,7 +220,23 @@ class QwenVLAdapter(Adapter):
         return out
 
     def after_prefill(self, state: DecodeState) -> None:
-        self.model.model.rope_deltas = self._rope_deltas
+        self.model.model.rope_deltas = state.rope_deltas  # what HF's own decode steps read
+
+    def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
+        """generate() passes the unpruned ids (they stay right); without ids, each new token's id is
+        its row's attended count so far (pruned cache) - 1 + the row's pruned rope delta."""
+        out = super().decode_inputs(state, inputs)
+        if out.get("position_ids") is None and state.rope_deltas is not None:
+            ids = out.get("input_ids")
+            q = (ids if ids is not None else out["inputs_embeds"]).shape[1]
+            mask = out.get("attention_mask")
+            if mask is not None:
+                base = (mask.long().cumsum(-1) - 1)[:, -q:]
+            else:
+                past = find_cache(out).get_seq_length()
+                base = (torch.arange(q, device=state.rope_deltas.device) + past)[None]
+            out["position_ids"] = (base.to(state.rope_deltas.device) + state.rope_deltas).unsqueeze(0).expand(3, -1, -1)
+        return out
 
 
 def prompt_order(prompt: Prompt, token_ids: tuple[int, ...], sizes: dict[str, list[int]]) -> list[tuple[str, int]]:
