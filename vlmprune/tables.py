@@ -55,7 +55,39 @@ def models_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-TABLES = {"methods": methods_markdown, "models": models_markdown}
+def support_text(name: str, adapter) -> dict[str, str]:
+    """model_type -> how `name` runs on it: native, fallback (what), or unsupported."""
+    out = {}
+    for model_type, (info, have) in adapter.reference.items():
+        try:
+            req = build_scorer(name).needs(info)
+        except ValueError:
+            out[model_type] = "unsupported"
+            continue
+        used = [f for f in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden")
+                if getattr(req, f)] + (["features"] if req.features else [])
+        if any(f not in have for f in used):
+            out[model_type] = "unsupported"
+            continue
+        notes = [adapter.fallbacks[f] for f in used if f in adapter.fallbacks]
+        out[model_type] = f"fallback: {', '.join(notes)}" if notes else "native"
+    return out
+
+
+def support_markdown() -> str:
+    """One row per vision method, one column per model family: native / fallback (what) / unsupported."""
+    adapters = sorted(_ADAPTERS, key=lambda a: a.model_types)
+    types = [(t, a) for a in adapters for t in a.reference]
+    rows = ["| method | " + " | ".join(f"`{t}`" for t, _ in types) + " |", "|---|" + "---|" * len(types)]
+    for name in available_methods():
+        if scorer_class(name).stage != "vision":
+            continue
+        cells = [support_text(name, a)[t] for t, a in types]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+TABLES = {"methods": methods_markdown, "models": models_markdown, "support": support_markdown}
 
 
 def render(text: str) -> str:

@@ -127,6 +127,11 @@ class Adapter:
     default_positions: ClassVar[str] = "compact"
     position_modes: ClassVar[tuple[str, ...]] = ("compact", "original")
     encoder_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
+    reference: ClassVar[dict[str, tuple[EncoderInfo, frozenset[str]]]] = {}
+    """model_type -> (a typical checkpoint's encoder, the signals the adapter gives for it): what the
+    README's method x family table is computed from, without building a model."""
+    fallbacks: ClassVar[dict[str, str]] = {}
+    """signal name -> how this family computes it where it differs from the method's paper."""
 
     def __init__(self, model: nn.Module, config: PruneConfig):
         self.model = model

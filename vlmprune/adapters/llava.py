@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from vlmprune.adapters.base import Adapter, register_adapter
+from vlmprune.adapters.base import SIGNAL_NAMES, Adapter, register_adapter
 from vlmprune.adapters.vit import Collected, SignalHooks
 from vlmprune.scorers.base import EncoderInfo
 
@@ -35,6 +35,8 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     model_classes = ("LlavaForConditionalGeneration",)
     default_positions = "compact"
+    reference = {"llava": (EncoderInfo(num_layers=24, feature_layer=22, has_cls=True, grid=(24, 24)),
+                           frozenset({"features", *SIGNAL_NAMES}))}
 
     @property
     def vision_tower(self) -> torch.nn.Module:

@@ -41,6 +41,7 @@ from vlmprune.kernels.assemble import Layout, place_columns
 from vlmprune.scorers.base import EncoderInfo, Request
 
 KINDS = ("image", "video")
+PROVIDES = frozenset({"features", "received_attn", "keys"})
 
 
 @register_adapter
@@ -53,6 +54,12 @@ class QwenVLAdapter(Adapter):
     default_positions = "original"
     position_modes = ("original",)
     encoder_methods = ("get_image_features", "get_video_features")
+    reference = {
+        "qwen2_vl": (EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None), PROVIDES),
+        "qwen2_5_vl": (EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None), PROVIDES),
+        "qwen3_vl": (EncoderInfo(num_layers=27, feature_layer=26, has_cls=False, grid=None), PROVIDES),
+    }
+    fallbacks = {"received_attn": "received attention (no CLS)", "keys": "2x2-pooled keys"}
 
     @property
     def visual(self) -> nn.Module:
@@ -69,7 +76,7 @@ class QwenVLAdapter(Adapter):
         return EncoderInfo(num_layers=depth, feature_layer=feature, has_cls=False, grid=None)
 
     def provides(self) -> set[str]:
-        return {"features", "received_attn", "keys"}
+        return set(PROVIDES)
 
     def visual_token_id(self) -> int:
         return self.model.config.image_token_id
