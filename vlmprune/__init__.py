@@ -93,12 +93,26 @@ def pruning(model: torch.nn.Module, method: Any = "cls", **kwargs: Any) -> Itera
             setattr(model, _ADAPTER, previous)
 
 
-def last_selection(model: torch.nn.Module) -> list[list[torch.Tensor]]:
-    """[sample][image] kept visual-token indices (ascending) from the most recent forward that
-    had images (the prefill, for generate())."""
+def last_selection(model: torch.nn.Module, stage: int | None = None) -> list[list[torch.Tensor]]:
+    """[sample][image] kept visual-token indices (ascending, in the original numbering of each
+    image's visual tokens) from the most recent forward that had images (the prefill, for
+    generate()): those that survive every stage, or with `stage=i` those kept by stage i (a
+    multi-layer decoder stage such as `pdrop`: after its last layer)."""
     adapter = model.__dict__.get(_ADAPTER)
     if adapter is None:
         raise ValueError("last_selection: the model is not patched; call vlmprune.patch(model, ...) first")
-    if adapter.last is None:
+    stages = adapter.selections()
+    if stages is None:
         raise ValueError("last_selection: no forward with images has run since the model was patched")
-    return adapter.last
+    if stage is None:
+        return stages[-1]
+    n = len(adapter.config.stages)
+    if not isinstance(stage, int) or not 0 <= stage < n:
+        raise ValueError(f"last_selection: stage must be an int in 0..{n - 1} (this config has {n} stages), got {stage!r}")
+    cut_stages = [] if adapter.decoder is None else [p.stage for p in adapter.decoder.points]
+    has_vision = adapter.stage is not None
+    # stages[0] is the vision stage's selection (everything, when there is none); stages[1 + j] follows cut j
+    if adapter.config.stages[stage].where == "vision":
+        return stages[0]
+    last_cut = max(j for j, s in enumerate(cut_stages) if s == stage)
+    return stages[1 + last_cut] if len(stages) > 1 + last_cut else stages[-1] if has_vision else stages[-1]

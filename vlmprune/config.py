@@ -13,11 +13,14 @@ POSITION_MODES = ("compact", "original")
 
 @dataclass
 class Stage:
-    """One pruning stage: a built scorer and where it acts."""
+    """One pruning stage: a built scorer, where it acts, and its own budget (`keep` /
+    `prune_ratio` per image; None: the config's)."""
 
     method: str
     scorer: Scorer
     kwargs: dict[str, Any]
+    keep: int | None = None
+    prune_ratio: float | None = None
 
     @property
     def where(self) -> str:
@@ -39,11 +42,19 @@ class PruneConfig:
     def vision_stage(self) -> Stage | None:
         return next((s for s in self.stages if s.where == "vision"), None)
 
-    def kept(self, n: int) -> int:
-        """Visual tokens kept for an image of n tokens."""
-        if self.keep is not None:
-            return min(self.keep, n)
-        return min(n, int(round(n * (1.0 - self.prune_ratio))))
+    @property
+    def decoder_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.where == "decoder"]
+
+    def kept(self, n: int, stage: Stage | None = None) -> int:
+        """Visual tokens kept for an image of n tokens (by `stage`, default the vision stage)."""
+        stage = stage or self.vision_stage
+        keep, ratio = self.keep, self.prune_ratio
+        if stage is not None and (stage.keep is not None or stage.prune_ratio is not None):
+            keep, ratio = stage.keep, stage.prune_ratio
+        if keep is not None:
+            return min(keep, n)
+        return min(n, int(round(n * (1.0 - ratio))))
 
     def describe(self) -> str:
         amount = f"keep={self.keep}" if self.keep is not None else f"prune_ratio={self.prune_ratio}"
@@ -85,7 +96,11 @@ def _stages(method: Any, kwargs: dict[str, Any]) -> list[Stage]:
             name, opts = item
         else:
             raise TypeError(f"a stage must be a name or a (name, kwargs) pair, got {item!r}")
-        stages.append(Stage(name, build_scorer(name, **opts), dict(opts)))
+        opts = dict(opts)
+        keep, ratio = opts.pop("keep", None), opts.pop("prune_ratio", None)
+        if keep is not None or ratio is not None:
+            _check_amount(keep, ratio)
+        stages.append(Stage(name, build_scorer(name, **opts), opts, keep, ratio))
     where = [s.where for s in stages]
     if where.count("vision") > 1 or ("vision" in where and where[0] != "vision"):
         raise ValueError(f"at most one vision stage, and it must come first; got stages {[s.method for s in stages]} at {where}")
@@ -103,8 +118,10 @@ def make_config(
     """Validate the arguments of `patch` and build the scorers."""
     if isinstance(method, str):
         scorer_class(method)  # unknown method is reported before anything else
-    _check_amount(keep, prune_ratio)
     if positions is not None and positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES} or None (family default), got {positions!r}")
     stages = _stages(method, method_kwargs)
+    if keep is not None or prune_ratio is not None or not all(s.keep is not None or s.prune_ratio is not None
+                                                               for s in stages):
+        _check_amount(keep, prune_ratio)  # needed unless every stage gives its own
     return PruneConfig(stages=stages, keep=keep, prune_ratio=prune_ratio, positions=positions)

@@ -12,9 +12,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from vlmprune.adapters.decoder import DecoderStages, Point, Run
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
@@ -22,6 +24,7 @@ from vlmprune.kernels.assemble import Layout, assemble, plan_layout
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, budget, stack_rows
 
 STATE_ATTR = "_vlmprune_state"
+DECODER_ATTR = "_vlmprune_decoder"  # on the KV cache after a prefill with decoder stages: (length, cuts)
 CACHE_NAMES = ("cache", "past_key_values")
 """What the KV cache is called in forward kwargs and outputs: `cache` from transformers 5.24,
 `past_key_values` before (5.24 still accepts the old name)."""
@@ -156,14 +159,17 @@ class Adapter:
                     f"do: {self.supported_methods()}"
                 ) from None
         self._last: list[list[torch.Tensor]] | PendingSelection | None = None
+        self._cuts: list | None = None  # the decoder cuts of the latest prefill
         self._signals: dict[int, tuple[weakref.ref, Recorded, int]] = {}  # id(features) -> (ref, batch, row)
         self._saved_encoder: dict[str, Any] = {}
-        for stage in config.stages:
-            if stage.where != "vision":
-                raise ValueError(
-                    f"method {stage.method!r} acts at stage {stage.where!r}; the {type(self).__name__} supports "
-                    f"stages ['vision']"
-                )
+        self.decoder: DecoderStages | None = None
+        if config.decoder_stages:
+            points = []
+            for stage in config.decoder_stages:
+                budget_of = functools.partial(config.kept, stage=stage)
+                points += [Point(layer, config.stages.index(stage), stage.scorer, kept)
+                           for layer, kept in stage.scorer.schedule(budget_of)]
+            self.decoder = DecoderStages(model, points, self.info)
 
     # --- family-specific ---------------------------------------------------------------
     def encoder_info(self) -> EncoderInfo:
@@ -213,6 +219,8 @@ class Adapter:
         for method in self.encoder_methods:
             self._saved_encoder[method] = owner.__dict__.get(method, _MISSING)
             setattr(owner, method, self.wrap_encoder(getattr(owner, method)))
+        if self.decoder is not None:
+            self.decoder.install()
 
     def wrap_encoder(self, orig: Callable) -> Callable:
         @functools.wraps(orig)
@@ -234,6 +242,8 @@ class Adapter:
                 setattr(owner, method, saved)
         self._saved_encoder = {}
         self._signals.clear()
+        if self.decoder is not None:
+            self.decoder.uninstall()
 
     def encoder_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
         """Each encoded image's token grid, from the encoder call's inputs (None: the encoder's grid)."""
@@ -333,8 +343,44 @@ class Adapter:
                 )
             return self.prefill(orig, inputs)
         if state is not None:
-            return orig(**self.decode_inputs(state, inputs))
+            inputs = self.decode_inputs(state, inputs)
+        cuts = getattr(cache, DECODER_ATTR, None) if cache is not None else None
+        if cuts is not None and self.decoder is not None:  # layers after a decoder stage: their own cache
+            mask = inputs.get("attention_mask")
+            if mask is not None and mask.ndim != 2:
+                raise ValueError("vlmprune: decoding after a decoder-stage prefill needs a 2-D attention mask (or None)")
+            return self.run_decoder(orig, inputs, Run(False, mask, cuts=cuts[1], length=cuts[0]))
         return orig(**inputs)
+
+    def run_decoder(self, orig: Callable, call: dict[str, Any], run: Run | None):
+        """`orig(**call)` with the decoder stages acting inside it (`run`; None: none act)."""
+        if run is None or self.decoder is None:
+            return orig(**call)
+        if run.prefill and call.get("labels") is not None:
+            raise ValueError("vlmprune: labels= with a decoder stage is not supported (the rows after the stage "
+                             "are shorter than the labels); use a vision-stage method for training")
+        self.decoder.run = run
+        try:
+            result = orig(**call)
+        finally:
+            self.decoder.run = None
+        cache = output_cache(result)
+        if run.prefill:
+            if cache is not None:
+                setattr(cache, DECODER_ATTR, (run.length, run.cuts))
+            self._cuts = run.cuts
+        return result
+
+    def decoder_run(self, places: np.ndarray, per_image: list[int], rows: list[list[int]], mask,
+                    valid: list[int]) -> Run | None:
+        """The prefill's `Run` for the decoder stages: each image's flat places in the decoder input
+        (whose 2-D mask is `mask`, attending `valid` tokens per row)."""
+        if self.decoder is None:
+            return None
+        self._cuts = None
+        row_of = [r for r, row in enumerate(rows) for _ in row]
+        return Run(True, mask, valid=list(valid), places=list(np.split(places, np.cumsum(per_image)[:-1])),
+                   rows=row_of)
 
     def has_visual_input(self, inputs: dict[str, Any]) -> bool:
         mm = inputs.get("mm_encoder_outputs") or {}
@@ -388,7 +434,13 @@ class Adapter:
         rows = images_by_row(prompt.row_counts, per_image)
         if kept == per_image or self.stage is None:
             self._last = [[torch.arange(per_image[i]) for i in row] for row in rows]
-            return orig(**self.unpruned_inputs(inputs, enc))
+            b, length = prompt.ids.shape
+            valid = prompt.mask.sum(1).tolist() if prompt.mask is not None else [length] * b
+            run = self.decoder_run(np.flatnonzero(prompt.is_visual.numpy()), per_image, rows,
+                                   inputs.get("attention_mask"), valid)
+            if run is not None:
+                run.length = length
+            return self.run_decoder(orig, self.unpruned_inputs(inputs, enc), run)
 
         layout = plan_layout(prompt.ids, prompt.is_visual, per_image, kept, prompt.right_padded, prompt.mask,
                              columns=self.needs_columns(inputs))
@@ -402,7 +454,11 @@ class Adapter:
             self._last = self._last.resolve()  # the host has them anyway: check the plan at once
 
         call, state = self.pruned_inputs(inputs, layout, idx, visual, kept, enc)
-        result = orig(**call)
+        valid = layout.mask.sum(1).tolist() if layout.mask is not None else list(layout.lens)
+        run = self.decoder_run(layout.visual, kept, rows, call.get("attention_mask"), valid)
+        if run is not None:
+            run.length = layout.new_len
+        result = self.run_decoder(orig, call, run)
         cache = output_cache(result)
         if cache is not None:
             setattr(cache, STATE_ATTR, state)
@@ -451,10 +507,26 @@ class Adapter:
     @property
     def last(self) -> list[list[torch.Tensor]] | None:
         """[row][image] kept indices of the latest prefill with images, on the host; copied from
-        the device when first asked for, so that the prefill itself never waits for it."""
+        the device when first asked for, so that the prefill itself never waits for it. The
+        vision stage's, or with decoder stages the tokens that survive all of them."""
+        stages = self.selections()
+        return None if stages is None else stages[-1]
+
+    def selections(self) -> list[list[list[torch.Tensor]]] | None:
+        """Per stage (vision stage first, then each decoder cut), [row][image] the tokens it keeps,
+        in the original numbering of each image's visual tokens."""
         if isinstance(self._last, PendingSelection):
             self._last = self._last.resolve()
-        return self._last
+        if self._last is None:
+            return None
+        out = [self._last]
+        for cut in getattr(self, "_cuts", None) or []:
+            chosen = cut.chosen.cpu()
+            flat = [t for row in out[-1] for t in row]
+            picked = [flat[i][chosen[i][: cut.kept[i]]] for i in range(len(flat))]
+            it = iter(picked)
+            out.append([[next(it) for _ in row] for row in out[-1]])
+        return out
 
     def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
         """Map a decode step's unpruned-length mask and positions onto the pruned cache."""

@@ -38,6 +38,8 @@ class Request:
     value_norms: tuple[int, ...] = ()
     vision_hidden: tuple[int, ...] = ()
     cls_value_attn: tuple[int, ...] = ()
+    text_attn: tuple[int, ...] = ()  # decoder layers: attention rows from the prompt to the visual tokens
+    text_query: str = "last"  # whose rows: the last prompt token's, or ("text") the text after the images
 
     def merge(self, other: "Request") -> "Request":
         """Union of two requests (used when one forward serves several stages)."""
@@ -50,6 +52,8 @@ class Request:
             value_norms=uni(self.value_norms, other.value_norms),
             vision_hidden=uni(self.vision_hidden, other.vision_hidden),
             cls_value_attn=uni(self.cls_value_attn, other.cls_value_attn),
+            text_attn=uni(self.text_attn, other.text_attn),
+            text_query=self.text_query if self.text_attn else other.text_query,
         )
 
 
@@ -84,6 +88,10 @@ class Signals:
     """`n_valid` on the host when the adapter knows it: scorers size their work from it without
     waiting for the device (`valid_counts`)."""
     grids: tuple[tuple[int, int], ...] | None = None
+    text_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Decoder stages: layer -> [I, N] float32 head-mean softmax attention from the prompt's query
+    rows (`Request.text_query`) to each image's tokens; `features` are then the tokens' hidden states
+    entering the stage's layer."""
 
     def image_grids(self) -> list[tuple[int, int]]:
         """Each image's (rows, columns) token grid: `grids`, or `grid` for every image."""
@@ -198,7 +206,8 @@ class Selection:
 
 
 class Scorer:
-    """Base class: override `score` (higher = keep) or `select`. Constructor kwargs are the
+    """Base class: override `score` (higher = keep) or `select`. A decoder-stage scorer sets
+    `stage = "decoder"` and says before which decoder layers it acts (`schedule`). Constructor kwargs are the
     method's options; they are validated against the constructor's signature by `build_scorer`."""
 
     name: ClassVar[str] = ""
@@ -221,6 +230,11 @@ class Scorer:
         scores = self.score(signals).float()
         idx, _ = select_tokens(scores, None, k, signals.n_valid)
         return Selection(indices=idx)
+
+    def schedule(self, kept) -> list[tuple[int, object]]:
+        """Decoder stages: (layer, tokens kept per image as a function of the image's tokens there)
+        for each layer the stage acts before; `kept` is the stage's budget function."""
+        return [(self.layer, kept)]
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -1,0 +1,286 @@
+"""Decoder-stage pruning, shared by every adapter whose language model is an HF decoder stack
+(`.layers` called with `attention_mask`, `position_embeddings`, `position_ids`, `cache`).
+
+A decoder stage acts at layer K (`Prune.layer`): layers < K run on the whole sequence; at K the
+visual-token rows the scorer drops leave the hidden states, and layers >= K run on the shorter
+sequence with the kept tokens' own rotary embeddings (1-D or M-RoPE: the position ids are not
+renumbered), a padding/causal mask made for the kept columns, and their KV-cache layers hold only
+the kept tokens. Decode steps give layers >= K a mask over their own, shorter cache.
+
+Signals come from the decoder itself, without eager attention: the attention rows a scorer asks
+for (`Request.text_attn`, layer K-1: the last prompt token's row or the mean of the text rows after
+the images) are computed from that layer's own k projection (tapped) and its q projection of the
+query rows alone, with the rotary embedding applied by the layer's own function; `llm_hidden`
+(the visual tokens' hidden states entering given layers) from the layers' inputs."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmprune.adapters.vit import Tap
+from vlmprune.kernels import select_tokens
+from vlmprune.kernels.select import to_device
+from vlmprune.scorers.base import EncoderInfo, Scorer, Signals
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The decoder stack (with `.layers`) of an HF VLM."""
+    inner = getattr(model, "model", model)
+    lm = getattr(inner, "language_model", None) or model.get_decoder()
+    return lm if hasattr(lm, "layers") else getattr(lm, "model", lm)
+
+
+@dataclass
+class Point:
+    """One place where visual tokens leave: before decoder layer `layer`, kept per image by `kept`
+    (a function of the tokens the image has there), ranked by `scorer` of stage `stage`."""
+
+    layer: int
+    stage: int
+    scorer: Scorer
+    kept: Callable[[int], int]
+
+
+@dataclass
+class Cut:
+    """What one point did in a forward: per row, the columns of the sequence entering it that go on
+    (`cols` [B, L'], -1 = padding added at the left), their 2-D mask, and per image the kept
+    indices into the image's tokens there (`chosen` [I, kmax], -1 padded, `kept` on the host)."""
+
+    cols: torch.Tensor
+    mask: torch.Tensor
+    chosen: torch.Tensor
+    kept: list[int]
+    length: int  # the sequence length entering the point (prefill)
+
+
+@dataclass
+class Run:
+    """One language-model forward of a patched model (a prefill with images, or a decode step)."""
+
+    prefill: bool
+    mask: torch.Tensor | None  # [B, L] 2-D mask of the decoder input (None: all attended)
+    valid: list[int] = field(default_factory=list)  # prefill: attended tokens per row (host)
+    places: list[np.ndarray] = field(default_factory=list)  # per image: its tokens' flat places (prefill)
+    rows: list[int] = field(default_factory=list)  # per image: its row
+    cuts: list[Cut] = field(default_factory=list)  # prefill: made as the layers run; decode: the prefill's
+    length: int = 0  # decode: the decoder input length of the prefill
+    captured: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> its attention's inputs
+    current: dict[str, Any] = field(default_factory=dict)  # what layers after a point take instead
+
+
+class DecoderStages:
+    """The decoder points of a config, installed as wrappers on the decoder layers while patched;
+    they act only inside a `Run` (set by the adapter around the model call)."""
+
+    def __init__(self, model: nn.Module, points: list[Point], info: EncoderInfo):
+        self.model, self.points, self.info = model, sorted(points, key=lambda p: p.layer), info
+        self.stack = decoder_stack(model)
+        self.layers = self.stack.layers
+        n = len(self.layers)
+        for p in self.points:
+            if not 1 <= p.layer < n:
+                raise ValueError(f"decoder stage at layer {p.layer}: the language model has layers 0..{n - 1}; "
+                                 f"a stage acts before a layer in 1..{n - 1}")
+        if len({p.layer for p in self.points}) != len(self.points):
+            raise ValueError(f"two decoder stages act at the same layer: {[p.layer for p in self.points]}")
+        deep = getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None)
+        if deep and self.points and self.points[0].layer < len(deep):
+            raise ValueError(f"a decoder stage at layer {self.points[0].layer}: this model adds deepstack visual "
+                             f"features after decoder layers 0..{len(deep) - 1}; put the stage at layer >= {len(deep)}")
+        self.run: Run | None = None
+        self.saved: list[tuple[nn.Module, Any]] = []
+        self.taps: dict[int, Tap] = {}
+
+    # --- install -------------------------------------------------------------------------
+    def install(self) -> None:
+        watched = {p.layer - 1 for p in self.points if p.scorer.needs(self.info).text_attn}
+        first = self.points[0].layer if self.points else len(self.layers)
+        for idx, layer in enumerate(self.layers):
+            if idx in watched:
+                attn = layer.self_attn
+                self._wrap(attn, functools.partial(self._attention, idx))
+                self.taps[idx] = Tap(attn.k_proj, functools.partial(self._keys, idx))
+            if idx >= first:
+                self._wrap(layer, functools.partial(self._layer, idx))
+
+    def uninstall(self) -> None:
+        for module, saved in reversed(self.saved):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = saved
+        self.saved = []
+
+    def _wrap(self, module: nn.Module, fn: Callable) -> None:
+        saved = module.__dict__.get("forward")
+        self.saved.append((module, saved))
+        own = saved or functools.partial(type(module).forward, module)
+        module.__dict__["forward"] = functools.partial(fn, own)
+
+    # --- signals --------------------------------------------------------------------------
+    def _keys(self, idx: int, k: torch.Tensor) -> None:
+        if self.run is not None and self.run.prefill:
+            self.run.captured.setdefault(idx, {})["k"] = k
+
+    def _attention(self, idx: int, forward: Callable, hidden_states, *args, **kwargs):
+        run = self.run
+        if run is None or not run.prefill:
+            return forward(hidden_states, *args, **kwargs)
+        tap = self.taps[idx]
+        tap.put()
+        try:
+            out = forward(hidden_states, *args, **kwargs)
+        finally:
+            tap.remove()
+        run.captured.setdefault(idx, {}).update(h=hidden_states, rotary=kwargs.get("position_embeddings"))
+        return out
+
+    def text_attention(self, idx: int, query: str, visual: torch.Tensor, text_after: torch.Tensor | None,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, L] float32 head-mean softmax attention from the query rows of layer `idx` to every
+        column: the last column's row (`query="last"`), or the mean of the rows of the text tokens
+        after each row's last visual token (`"text"`; `text_after` [B, L] bool)."""
+        got = self.run.captured[idx]
+        attn = self.layers[idx].self_attn
+        h, k, (cos, sin) = got["h"], got["k"], got["rotary"]
+        b, length, _ = h.shape
+        heads = attn.config.num_attention_heads
+        head_dim = getattr(attn, "head_dim", h.shape[-1] // heads)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        if query == "last":
+            rows = torch.full((b, 1), length - 1, device=h.device)
+        else:
+            count = text_after.sum(1)
+            width = max(int(count.max()), 1)
+            order = torch.sort(torch.where(text_after, torch.arange(length, device=h.device), length), dim=1).values
+            rows = order[:, :width].clamp(max=length - 1)
+            row_ok = torch.arange(width, device=h.device)[None, :] < count[:, None]
+        pick = lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        q = attn.q_proj(pick(h)).view(b, rows.shape[1], heads, head_dim).transpose(1, 2)
+        q, _ = rope(q, q, pick(cos), pick(sin))
+        kh = k.detach().view(b, length, -1, head_dim).transpose(1, 2)
+        kh, _ = rope(kh, kh, cos, sin)
+        kh = kh.repeat_interleave(heads // kh.shape[1], dim=1)
+        logits = torch.matmul(q.float(), kh.float().transpose(2, 3)) * attn.scaling  # [B, H, R, L]
+        allowed = torch.arange(length, device=h.device)[None, None, :] <= rows[:, :, None]  # causal
+        if mask is not None:
+            allowed = allowed & mask.bool()[:, None, :]
+        probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(1)  # [B, R, L]
+        if query == "last":
+            return probs[:, 0]
+        probs = probs.masked_fill(~row_ok[..., None], 0)
+        return probs.sum(1) / count.clamp(min=1)[:, None]
+
+    # --- the cut --------------------------------------------------------------------------
+    def _layer(self, idx: int, forward: Callable, hidden_states, *args, **kwargs):
+        run = self.run
+        if run is None:
+            return forward(hidden_states, *args, **kwargs)
+        point = next((p for p in self.points if p.layer == idx), None)
+        if point is not None:
+            hidden_states = self.cut(point, hidden_states, kwargs) if run.prefill else hidden_states
+            if not run.prefill:
+                self.decode_mask(self.points.index(point), hidden_states, kwargs)
+        kwargs.update(run.current)
+        return forward(hidden_states, *args, **kwargs)
+
+    def cut(self, point: Point, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Drop the visual rows `point`'s scorer does not keep; set what the following layers take."""
+        run = self.run
+        b, length, _ = hidden.shape
+        device = hidden.device
+        mask = run.cuts[-1].mask if run.cuts else run.mask
+        counts = [len(p) for p in run.places]
+        kept = [point.kept(n) for n in counts]
+        width = max(counts, default=0)
+        flat = np.full((len(counts), width), -1, dtype=np.int64)
+        for i, p in enumerate(run.places):
+            flat[i, : len(p)] = p
+        places = to_device(torch.from_numpy(flat), device)  # [I, N] flat places (-1 pad)
+        signals = Signals(n_valid=to_device(counts, device), grid=(1, width), info=self.info, counts=tuple(counts),
+                          features=hidden.reshape(b * length, -1)[places.clamp(min=0)])
+        request = point.scorer.needs(self.info)
+        if request.text_attn:
+            visual = torch.zeros(b * length, dtype=torch.bool, device=device)
+            visual[places[places >= 0]] = True
+            visual = visual.view(b, length)
+            text_after = None
+            if request.text_query == "text":
+                last = torch.where(visual, torch.arange(length, device=device), -1).amax(1)
+                text_after = torch.arange(length, device=device)[None, :] > last[:, None]
+                if mask is not None:
+                    text_after &= mask.bool()
+            rows = self.text_attention(point.layer - 1, request.text_query, visual, text_after, mask)  # [B, L]
+            row_of = to_device(run.rows, device)
+            signals.text_attn[point.layer - 1] = rows[row_of[:, None], (places.clamp(min=0) % length)].masked_fill(places < 0, 0)
+        if type(point.scorer).select is Scorer.select:
+            chosen, _ = select_tokens(point.scorer.score(signals).float(), None, torch.tensor(kept), torch.tensor(counts))
+        else:
+            chosen = point.scorer.select(signals, torch.tensor(kept)).indices
+        # the columns that go on: every attended non-visual column, and the chosen visual ones
+        keep = torch.ones(b * length, dtype=torch.bool, device=device) if mask is None else mask.bool().reshape(-1).clone()
+        keep[places[places >= 0]] = False
+        kept_places = places.gather(1, chosen.clamp(min=0))[chosen >= 0]
+        keep[kept_places] = True
+        keep = keep.view(b, length)
+        lens = list(run.valid)
+        for i, (n, k) in enumerate(zip(counts, kept)):
+            lens[run.rows[i]] -= n - k
+        run.valid = lens
+        new_len = max(lens, default=0)
+        packed = torch.sort(torch.where(keep, torch.arange(length, device=device), length), dim=1).values[:, :new_len]
+        shift = to_device([new_len - n for n in lens], device)  # left padding added to shorter rows
+        src = torch.arange(new_len, device=device)[None, :] - shift[:, None]
+        cols = torch.where(src >= 0, packed.gather(1, src.clamp(min=0)), -1)
+        safe = cols.clamp(min=0)
+        new_mask = (cols >= 0) if mask is None else mask.bool().gather(1, safe) & (cols >= 0)
+        run.cuts.append(Cut(cols, new_mask.long(), chosen, kept, length))
+        # the places of the images' kept tokens in the new sequence, for a later point
+        where = torch.full((b * length,), -1, dtype=torch.long, device=device)
+        where[(torch.arange(b, device=device)[:, None] * length + safe)[cols >= 0]] = \
+            torch.arange(b * new_len, device=device).view(b, new_len)[cols >= 0]
+        new_places = where[kept_places].cpu().numpy()
+        run.places, at = [], 0
+        for k in kept:
+            run.places.append(new_places[at : at + k])
+            at += k
+        hidden = hidden.gather(1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
+        cos, sin = kwargs["position_embeddings"]
+        g = lambda t: t.expand(b, -1, -1).gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        current = {"position_embeddings": (g(cos), g(sin))}
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            current["position_ids"] = pos.expand(b, -1).gather(1, safe)
+        current["attention_mask"] = self.make_mask(point.layer, hidden, new_mask, kwargs.get("cache"))
+        run.current = current
+        return hidden
+
+    def decode_mask(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """A decode step: layers from this point on attend to their own (shorter) cache."""
+        run = self.run
+        cut = run.cuts[index]
+        b = hidden.shape[0]
+        full = run.mask
+        new = full[:, run.length :] if full is not None else \
+            torch.ones(b, kwargs["cache"].get_seq_length() + hidden.shape[1] - run.length, dtype=torch.long,
+                       device=hidden.device)
+        mask2d = torch.cat([cut.mask.to(new.dtype), new.to(cut.mask.device)], dim=1)
+        run.current = {"attention_mask": self.make_mask(self.points[index].layer, hidden, mask2d, kwargs.get("cache"))}
+
+    def make_mask(self, layer: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache) -> Any:
+        """The mask HF would make for `layer` from a 2-D mask over that layer's keys."""
+        import inspect
+
+        from transformers.masking_utils import create_causal_mask
+
+        name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+        return create_causal_mask(self.stack.config, hidden, mask2d, **{name: cache}, layer_idx=layer)
