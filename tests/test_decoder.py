@@ -1,0 +1,261 @@
+"""Decoder-stage pruning against layer-by-layer oracles written here from the unpatched model:
+layers < K on the whole sequence, the reference ranking from an eager run's attention, layers >= K
+by hand on the kept rows at their own position ids; KV-cache lengths; batched == rows alone;
+generate() == a step-by-step oracle decode; composition with a vision stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.masking_utils import create_causal_mask
+
+import vlmprune
+from tests.conftest import IMAGE_TOKEN, N_VIS, left_pad, pixels, prompt, tiny_llava
+from vlmprune.adapters.decoder import decoder_stack
+from vlmprune.eval.tiny import QWEN_IMAGE, qwen_inputs, tiny_qwen
+
+LAYERS = 4
+
+
+def llava(attn="sdpa", seed=0):
+    return tiny_llava(attn=attn, seed=seed, text_layers=LAYERS)
+
+
+def llava_row(model, ids, pv):
+    """(embeddings with the image features in place, position ids, visual columns per image) of one
+    LLaVA prompt, as the unpatched model builds them."""
+    with torch.no_grad():
+        feats = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
+        embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    cols = (torch.tensor(ids) == IMAGE_TOKEN).nonzero()[:, 0]
+    embeds[0, cols] = torch.cat(feats)
+    return embeds, torch.arange(len(ids))[None], list(cols.split(N_VIS))
+
+
+def qwen_row(model, inputs):
+    """The same for one Qwen prompt: HF's M-RoPE ids of the prompt, images in prompt order."""
+    with torch.no_grad():
+        feats = torch.cat(list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                              return_dict=True).pooler_output))
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        pos, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"])
+    ids = inputs["input_ids"][0]
+    cols = (ids == QWEN_IMAGE).nonzero()[:, 0]
+    embeds[0, cols] = feats
+    sizes = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    return embeds, pos, list(cols.split(sizes))
+
+
+def run_layers(model, hidden, position_ids, layers, cache=None):
+    """Decoder layers `layers` by hand on one row (no padding), with the causal mask HF makes."""
+    stack = decoder_stack(model)
+    pe = stack.rotary_emb(hidden, position_ids)
+    first = layers[0]
+    mask = create_causal_mask(stack.config, hidden, None, cache=cache, layer_idx=first)
+    for i in layers:
+        hidden = stack.layers[i](hidden, attention_mask=mask, position_embeddings=pe,
+                                 position_ids=position_ids if position_ids.ndim == 2 else None, cache=cache)
+    return hidden
+
+
+def head(model, hidden):
+    stack = decoder_stack(model)
+    return model.lm_head(stack.norm(hidden))
+
+
+def eager_last_row(model_eager, kwargs, layer):
+    """Head-mean attention of the last position in decoder layer `layer`, from an eager run."""
+    with torch.no_grad():
+        out = model_eager(**kwargs, output_attentions=True)
+    return out.attentions[layer][0].float().mean(0)[-1]
+
+
+def oracle(model, embeds, position_ids, visual, keep, k_layer, ranking):
+    """Layers < K on everything, then the kept rows (top `keep` of `ranking` per image) to the end."""
+    with torch.no_grad():
+        h = run_layers(model, embeds, position_ids, range(k_layer))
+    chosen = [cols[ranking[cols].topk(min(keep, len(cols))).indices.sort().values] for cols in visual]
+    drop = torch.cat([c for c in visual]) if visual else torch.zeros(0, dtype=torch.long)
+    keepcols = torch.ones(embeds.shape[1], dtype=torch.bool)
+    keepcols[drop] = False
+    for c in chosen:
+        keepcols[c] = True
+    cols = keepcols.nonzero()[:, 0]
+    pos = position_ids[..., cols]
+    with torch.no_grad():
+        h = run_layers(model, h[:, cols], pos, range(k_layer, LAYERS))
+        logits = head(model, h)[0]
+    return logits, [(c[:, None] == v[None]).nonzero()[:, 1] for c, v in zip(chosen, visual)], cols
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fastv_llava_equals_layerwise_oracle(attn):
+    model, eager = llava(attn, seed=1), llava("eager", seed=1)
+    ids, pv = prompt(2, seed=3), pixels(2, seed=4)
+    k_layer, keep = 2, 5
+    embeds, pos, visual = llava_row(model, ids, pv)
+    ranking = eager_last_row(eager, dict(input_ids=torch.tensor([ids]), pixel_values=pv), k_layer - 1)
+    ref, ref_sel, _ = oracle(model, embeds, pos, visual, keep, k_layer, ranking)
+    vlmprune.patch(model, "fastv", layer=k_layer, keep=keep)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv, use_cache=True)
+    torch.testing.assert_close(out.logits[0], ref, atol=1e-4, rtol=0)
+    for got, want in zip(vlmprune.last_selection(model)[0], ref_sel):
+        assert torch.equal(got, want)
+    # the KV cache: layers < K hold every token, layers >= K only the kept ones
+    lengths = [out.cache.layers[i].keys.shape[2] for i in range(LAYERS)]
+    assert lengths == [len(ids)] * k_layer + [len(ids) - 2 * (N_VIS - keep)] * (LAYERS - k_layer)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_fastv_qwen_equals_layerwise_oracle_at_mrope_ids(family):
+    model = tiny_qwen(family, seed=2, text_layers=LAYERS)
+    eager = tiny_qwen(family, attn="eager", seed=2, text_layers=LAYERS)
+    inputs = qwen_inputs([[("image", (1, 8, 12)), ("image", (1, 4, 8))]], seed=5)
+    k_layer, keep = 2, 4
+    embeds, pos, visual = qwen_row(model, inputs)
+    ranking = eager_last_row(eager, inputs, k_layer - 1)
+    ref, ref_sel, _ = oracle(model, embeds, pos, visual, keep, k_layer, ranking)
+    vlmprune.patch(model, "fastv", layer=k_layer, keep=keep)
+    with torch.no_grad():
+        out = model(**inputs).logits[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    for got, want in zip(vlmprune.last_selection(model)[0], ref_sel):
+        assert torch.equal(got, want)
+
+
+def test_fastv_text_query_averages_the_rows_after_the_images():
+    model, eager = llava(seed=6), llava("eager", seed=6)
+    ids, pv = prompt(1, seed=7, after=5), pixels(1, seed=8)
+    k_layer, keep = 1, 6
+    embeds, pos, visual = llava_row(model, ids, pv)
+    with torch.no_grad():
+        att = eager(input_ids=torch.tensor([ids]), pixel_values=pv, output_attentions=True).attentions[k_layer - 1]
+    after = int(visual[-1][-1]) + 1
+    ranking = att[0].float().mean(0)[after:].mean(0)
+    ref, ref_sel, _ = oracle(model, embeds, pos, visual, keep, k_layer, ranking)
+    vlmprune.patch(model, "fastv", layer=k_layer, keep=keep, query="text")
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert torch.equal(vlmprune.last_selection(model)[0][0], ref_sel[0])
+
+
+def test_generate_equals_stepwise_oracle_decode():
+    """Greedy generate() == the oracle decoded by hand: layers < K over the whole cached prompt,
+    layers >= K over the kept rows only, the new tokens at the unpruned positions."""
+    from transformers import DynamicCache
+
+    model, eager = llava(seed=9), llava("eager", seed=9)
+    ids, pv = prompt(2, seed=10), pixels(2, seed=11)
+    k_layer, keep, steps = 2, 3, 5
+    embeds, pos, visual = llava_row(model, ids, pv)
+    ranking = eager_last_row(eager, dict(input_ids=torch.tensor([ids]), pixel_values=pv), k_layer - 1)
+    _, _, cols = oracle(model, embeds, pos, visual, keep, k_layer, ranking)
+    cache = DynamicCache(config=decoder_stack(model).config)
+    with torch.no_grad():
+        h = run_layers(model, embeds, pos, range(k_layer), cache)
+        h = run_layers(model, h[:, cols], pos[:, cols], range(k_layer, LAYERS), cache)
+        tok, ref = head(model, h)[0, -1].argmax(), []
+        for t in range(steps):
+            ref.append(int(tok))
+            x = model.get_input_embeddings()(tok.view(1, 1))
+            p = torch.tensor([[len(ids) + t]])
+            x = run_layers(model, x, p, range(k_layer), cache)
+            x = run_layers(model, x, p, range(k_layer, LAYERS), cache)
+            tok = head(model, x)[0, -1].argmax()
+    vlmprune.patch(model, "fastv", layer=k_layer, keep=keep)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), pixel_values=pv, max_new_tokens=steps,
+                             min_new_tokens=steps, do_sample=False)
+    assert out[0, len(ids):].tolist() == ref
+
+
+CONFIGS = {
+    "fastv": ("fastv", dict(layer=2, keep=3)),
+    "pdrop": ("pdrop", dict(layers=[1, 3], ratio=0.5, keep=1)),
+    "exit": ("exit", dict(layer=2, keep=1)),
+    "divprune+fastv": ([("divprune", {"keep": 8}), ("fastv", {"layer": 2, "keep": 3})], {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_llava_left_padded_batch_generates_as_rows_alone(name):
+    model = llava(seed=12)
+    method, kwargs = CONFIGS[name]
+    vlmprune.patch(model, method, **kwargs)
+    rows = [prompt(2, seed=13), prompt(1, seed=14, after=7), prompt(0, seed=15)]
+    pvs = [pixels(2, seed=16), pixels(1, seed=17), None]
+    ids, mask = left_pad(rows)
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pvs[:2]), **gen)
+        for i, row in enumerate(rows):
+            kw = {"pixel_values": pvs[i]} if pvs[i] is not None else {}
+            alone = model.generate(input_ids=torch.tensor([row]), **kw, **gen)[0, len(row):]
+            assert torch.equal(out[i, ids.shape[1]:], alone), (name, i)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_batch_with_decoder_stage_generates_as_rows_alone(family):
+    from tests.test_qwen import pad_rows
+
+    model = tiny_qwen(family, seed=18, text_layers=LAYERS)
+    rows = [[("image", (1, 8, 12))], [("image", (1, 4, 8)), ("image", (1, 8, 8))], []]
+    if family != "qwen3_vl":
+        rows.append([("video", (2, 4, 8))])
+    singles = [qwen_inputs([row], seed=30 + i) for i, row in enumerate(rows)]
+    batch = pad_rows(singles)
+    layer = 3 if family == "qwen3_vl" else 2  # the tiny Qwen3-VL adds deepstack features after layers 0, 1
+    vlmprune.patch(model, [("cls", {"keep": 6}), ("fastv", {"layer": layer, "keep": 2})])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1]:]
+        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == [[2] * len(r) for r in rows]
+        assert [[len(k) for k in r] for r in vlmprune.last_selection(model, stage=0)] == [[6] * len(r) for r in rows]
+        for i, single in enumerate(singles):
+            alone = model.generate(**single, **gen)[0, single["input_ids"].shape[1]:]
+            assert torch.equal(out[i], alone), (i, out[i], alone)
+
+
+def test_composition_is_the_decoder_stage_over_the_vision_stage_kept_tokens():
+    """divprune keeps 8 per image; fastv then ranks those 8 (in the vision-pruned sequence) and
+    keeps 3: last_selection maps them back to the original numbering, inside stage 0's."""
+    model = llava(seed=19)
+    ids, pv = prompt(2, seed=20), pixels(2, seed=21)
+    vlmprune.patch(model, [("divprune", {"keep": 8}), ("fastv", {"layer": 2, "keep": 3})])
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv, use_cache=True)
+    first, final = vlmprune.last_selection(model, stage=0)[0], vlmprune.last_selection(model, stage=1)[0]
+    assert [len(f) for f in first] == [8, 8] and [len(f) for f in final] == [3, 3]
+    assert all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(first, final))
+    assert all(torch.equal(a, b) for a, b in zip(final, vlmprune.last_selection(model)[0]))
+    n1 = len(ids) - 2 * (N_VIS - 8)
+    assert [out.cache.layers[i].keys.shape[2] for i in range(LAYERS)] == [n1, n1, n1 - 10, n1 - 10]
+
+
+def test_keep_all_at_a_decoder_stage_is_bit_identical():
+    model = llava(seed=22)
+    ids, mask = left_pad([prompt(2, seed=23), prompt(0, seed=24)])
+    pv = pixels(2, seed=25)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        vlmprune.patch(model, "fastv", layer=2, keep=N_VIS)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+    assert torch.equal(out, ref)
+
+
+def test_decoder_stage_errors_are_clear():
+    model = llava()
+    with pytest.raises(ValueError, match=r"layer 9.*0\.\.3"):
+        vlmprune.patch(model, "fastv", layer=9, keep=4)
+    with pytest.raises(ValueError, match="query must be one of"):
+        vlmprune.patch(model, "fastv", query="first", keep=4)
+    with pytest.raises(ValueError, match="deepstack"):
+        vlmprune.patch(tiny_qwen("qwen3_vl", text_layers=LAYERS), "fastv", layer=1, keep=4)  # deepstack after 0, 1
+    vlmprune.patch(model, "fastv", layer=2, keep=4)
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=torch.tensor([prompt(1)]), pixel_values=pixels(1), labels=torch.tensor([prompt(1)]))
+    with pytest.raises(ValueError, match="stage must be an int in 0..0"):
+        vlmprune.last_selection(model, stage=1)
