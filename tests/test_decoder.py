@@ -176,6 +176,7 @@ CONFIGS = {
     "fastv": ("fastv", dict(layer=2, keep=3)),
     "pdrop": ("pdrop", dict(layers=[1, 3], ratio=0.5, keep=1)),
     "exit": ("exit", dict(layer=2, keep=1)),
+    "transprune": ("transprune", dict(layers=[1, 3], ratios=[0.5], keep=2)),
     "divprune+fastv": ([("divprune", {"keep": 8}), ("fastv", {"layer": 2, "keep": 3})], {}),
 }
 
@@ -259,3 +260,124 @@ def test_decoder_stage_errors_are_clear():
         model(input_ids=torch.tensor([prompt(1)]), pixel_values=pixels(1), labels=torch.tensor([prompt(1)]))
     with pytest.raises(ValueError, match="stage must be an int in 0..0"):
         vlmprune.last_selection(model, stage=1)
+
+
+def rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+def attention_rows(model, layer, h_in, position_ids, rows):
+    """Head-mean softmax attention of decoder layer `layer` (input `h_in`, one row, causal) from
+    the query positions `rows`, written out by hand: [len(rows), L]."""
+    stack = decoder_stack(model)
+    attn = stack.layers[layer].self_attn
+    x = stack.layers[layer].input_layernorm(h_in)[0]
+    heads, kv = stack.config.num_attention_heads, stack.config.num_key_value_heads
+    d = x.shape[-1] // heads
+    cos, sin = (t[0] for t in stack.rotary_emb(h_in, position_ids))
+    q = attn.q_proj(x).view(-1, heads, d).transpose(0, 1)
+    k = attn.k_proj(x).view(-1, kv, d).transpose(0, 1).repeat_interleave(heads // kv, 0)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    logits = (q[:, rows] @ k.transpose(1, 2)) * d ** -0.5
+    causal = torch.arange(x.shape[0])[None, :] > torch.as_tensor(rows)[:, None]
+    return torch.softmax(logits.masked_fill(causal, float("-inf")), -1).mean(0)
+
+
+def progressive_oracle(model, embeds, pos, visual, cuts, rank, at=0, on_cut=None):
+    """Layers by hand with several cuts: before layer K, each image keeps keep(n, n0) of its tokens
+    by `rank(K, h, pos, visual_cols)` ([L] scores over the current columns, from the input of layer
+    K - `at`); `on_cut(cols)` follows each cut. Returns the logits and each image's final kept
+    indices (original numbering)."""
+    h, layer, n0 = embeds, 0, [len(v) for v in visual]
+    orig = [torch.arange(len(v)) for v in visual]
+    for k_layer, keep in cuts:
+        with torch.no_grad():
+            h = run_layers(model, h, pos, range(layer, k_layer - at)) if k_layer - at > layer else h
+            scores = rank(k_layer, h, pos, visual)
+            h = run_layers(model, h, pos, range(k_layer - at, k_layer)) if at else h
+        layer = k_layer
+        keepcols = torch.ones(h.shape[1], dtype=torch.bool)
+        chosen = []
+        for v, o, first in zip(visual, orig, n0):
+            top = scores[v].topk(keep(len(v), first)).indices.sort().values
+            keepcols[v] = False
+            keepcols[v[top]] = True
+            chosen.append((v[top], o[top]))
+        cols = keepcols.nonzero()[:, 0]
+        if on_cut is not None:
+            on_cut(cols)
+        new_index = torch.full((h.shape[1],), -1)
+        new_index[cols] = torch.arange(len(cols))
+        visual = [new_index[c] for c, _ in chosen]
+        orig = [o for _, o in chosen]
+        h, pos = h[:, cols], pos[..., cols]
+    with torch.no_grad():
+        h = run_layers(model, h, pos, range(layer, LAYERS))
+        return head(model, h)[0], orig
+
+
+def test_pdrop_two_cuts_equals_progressive_oracle():
+    """Two cuts (before layers 1 and 3), each keeping half of every image's remaining tokens by the
+    last row of the layer before's attention."""
+    model = llava(seed=26)
+    ids, pv = prompt(2, seed=27), pixels(2, seed=28)
+    embeds, pos, visual = llava_row(model, ids, pv)
+
+    def rank(k_layer, h_prev, pos_, vis):
+        return attention_rows(model, k_layer - 1, h_prev, pos_, [h_prev.shape[1] - 1])[0]
+
+    ref, ref_sel = progressive_oracle(model, embeds, pos, visual, [(1, lambda n, n0: n // 2), (3, lambda n, n0: n // 2)],
+                                      rank, at=1)
+    vlmprune.patch(model, "pdrop", layers=[1, 3], ratio=0.5, keep=1)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(vlmprune.last_selection(model)[0], ref_sel))
+
+
+@pytest.mark.parametrize("ttv_only", [False, True])
+def test_transprune_equals_progressive_oracle(ttv_only, monkeypatch):
+    """TTV from every watched module's input and output (hooks on the unpatched model), IGA from
+    layer K's own attention of the text after the image, per-image normalised sum, two cuts."""
+    monkeypatch.setitem(globals(), "LAYERS", 6)
+    model = tiny_llava(seed=29, text_layers=6)
+    ids, pv = prompt(1, seed=30, after=5), pixels(1, seed=31)
+    embeds, pos, visual = llava_row(model, ids, pv)
+    stack = decoder_stack(model)
+    ttv_layers, ttv = (1, 2, 3), {}
+
+    def watch(i, which):
+        def hook(module, args, kwargs, out):
+            x = (args[0] if args else kwargs["hidden_states"]).float()
+            y = (out[0] if isinstance(out, tuple) else out).float()
+            e = torch.exp(1 - torch.nn.functional.cosine_similarity(x, y, dim=-1))
+            ttv[i, which] = (y.norm(dim=-1) / x.norm(dim=-1) * e / e.sum())[0]
+        return hook
+
+    def follow(cols):  # the TTV terms of earlier layers go on with the kept columns
+        for key in ttv:
+            ttv[key] = ttv[key][cols]
+
+    def rank(k_layer, h, pos_, vis):
+        acc = sum((w for (i, _), w in ttv.items() if i < k_layer), torch.zeros(h.shape[1]))
+        after = int(max(int(v.max()) for v in vis)) + 1
+        iga = attention_rows(model, k_layer, h, pos_, list(range(after, h.shape[1]))).mean(0)
+        scores = torch.zeros(h.shape[1])
+        for v in vis:
+            scores[v] = acc[v] / (acc[v].sum() + 1e-8) + (0 if ttv_only else iga[v] / (iga[v].sum() + 1e-8))
+        return scores
+
+    hooks = [stack.layers[i].self_attn.register_forward_hook(watch(i, 0), with_kwargs=True) for i in ttv_layers]
+    hooks += [stack.layers[i].mlp.register_forward_hook(watch(i, 1), with_kwargs=True) for i in ttv_layers]
+    try:
+        ref, ref_sel = progressive_oracle(model, embeds, pos, visual, [(2, lambda n, n0: n0 // 2), (4, lambda n, n0: 3)],
+                                          rank, on_cut=follow)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    vlmprune.patch(model, "transprune", layers=[2, 4], ratios=[0.5], ttv_layers=list(ttv_layers), keep=3,
+                   ttv_only=ttv_only)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(vlmprune.last_selection(model)[0], ref_sel))

@@ -25,11 +25,13 @@ def signals_text(name: str) -> str:
     """The signals a method reads with its defaults on CLIP-L (0-based encoder layers)."""
     req = build_scorer(name).needs(CLIP_L)
     parts = ["features"] if req.features else []
-    for field in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden"):
+    for field in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden",
+                  "text_attn", "transitions"):
         layers = getattr(req, field)
         if layers:
             span = f"{layers[0]}..{layers[-1]}" if len(layers) > 2 else ",".join(map(str, layers))
-            parts.append(f"{field}[{span}]")
+            where = " (LLM)" if field in ("text_attn", "transitions") else ""
+            parts.append(f"{field}[{span}]{where}")
     return ", ".join(parts) or "—"
 
 
@@ -74,13 +76,20 @@ def support_text(name: str, adapter) -> dict[str, str]:
     return out
 
 
+def decoder_support(name: str, model_type: str) -> str:
+    """How a decoder-stage method runs on a family: natively inside its HF decoder."""
+    return "native (layers >= 3 on Qwen3-VL-8B: deepstack)" if model_type == "qwen3_vl" else "native"
+
+
 def support_markdown() -> str:
     """One row per vision method, one column per model family: native / fallback (what) / unsupported."""
     adapters = sorted(_ADAPTERS, key=lambda a: a.model_types)
     types = [(t, a) for a in adapters for t in a.reference]
     rows = ["| method | " + " | ".join(f"`{t}`" for t, _ in types) + " |", "|---|" + "---|" * len(types)]
     for name in available_methods():
-        if scorer_class(name).stage != "vision":
+        if scorer_class(name).stage != "vision":  # decoder stages run on every family's HF decoder
+            cells = [decoder_support(name, t) for t, _ in types]
+            rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
             continue
         cells = [support_text(name, a)[t] for t, a in types]
         rows.append(f"| `{name}` | " + " | ".join(cells) + " |")

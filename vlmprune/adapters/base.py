@@ -166,7 +166,7 @@ class Adapter:
         if config.decoder_stages:
             points = []
             for stage in config.decoder_stages:
-                budget_of = functools.partial(config.kept, stage=stage)
+                budget_of = functools.partial(lambda s, n, n0: config.kept(n, s), stage)
                 points += [Point(layer, config.stages.index(stage), stage.scorer, kept)
                            for layer, kept in stage.scorer.schedule(budget_of)]
             self.decoder = DecoderStages(model, points, self.info)
@@ -380,7 +380,7 @@ class Adapter:
         self._cuts = None
         row_of = [r for r, row in enumerate(rows) for _ in row]
         return Run(True, mask, valid=list(valid), places=list(np.split(places, np.cumsum(per_image)[:-1])),
-                   rows=row_of)
+                   rows=row_of, first=list(per_image))
 
     def has_visual_input(self, inputs: dict[str, Any]) -> bool:
         mm = inputs.get("mm_encoder_outputs") or {}

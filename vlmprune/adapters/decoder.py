@@ -40,12 +40,13 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 @dataclass
 class Point:
     """One place where visual tokens leave: before decoder layer `layer`, kept per image by `kept`
-    (a function of the tokens the image has there), ranked by `scorer` of stage `stage`."""
+    (a function of the tokens the image has there and of those it had entering the decoder),
+    ranked by `scorer` of stage `stage`."""
 
     layer: int
     stage: int
     scorer: Scorer
-    kept: Callable[[int], int]
+    kept: Callable[[int, int], int]
 
 
 @dataclass
@@ -74,6 +75,9 @@ class Run:
     length: int = 0  # decode: the decoder input length of the prefill
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> its attention's inputs
     current: dict[str, Any] = field(default_factory=dict)  # what layers after a point take instead
+    first: list[int] = field(default_factory=list)  # per image: its tokens entering the decoder
+    transitions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L, 2, 2] (see `transition`)
+    transition_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, 2]
 
 
 class DecoderStages:
@@ -101,13 +105,18 @@ class DecoderStages:
 
     # --- install -------------------------------------------------------------------------
     def install(self) -> None:
-        watched = {p.layer - 1 for p in self.points if p.scorer.needs(self.info).text_attn}
+        requests = [p.scorer.needs(self.info) for p in self.points]
+        watched = {p.layer - 1 for p, r in zip(self.points, requests) if p.layer - 1 in r.text_attn}
+        moving = {layer for r in requests for layer in r.transitions}
         first = self.points[0].layer if self.points else len(self.layers)
         for idx, layer in enumerate(self.layers):
             if idx in watched:
                 attn = layer.self_attn
                 self._wrap(attn, functools.partial(self._attention, idx))
                 self.taps[idx] = Tap(attn.k_proj, functools.partial(self._keys, idx))
+            if idx in moving:
+                self._wrap(layer.self_attn, functools.partial(self._module, idx, 0))
+                self._wrap(layer.mlp, functools.partial(self._module, idx, 1))
             if idx >= first:
                 self._wrap(layer, functools.partial(self._layer, idx))
 
@@ -143,14 +152,38 @@ class DecoderStages:
         run.captured.setdefault(idx, {}).update(h=hidden_states, rotary=kwargs.get("position_embeddings"))
         return out
 
+    def _module(self, idx: int, which: int, forward: Callable, hidden_states, *args, **kwargs):
+        """A watched layer's attention (0) or MLP (1): its transition, from its input and output."""
+        out = forward(hidden_states, *args, **kwargs)
+        run = self.run
+        if run is not None and run.prefill:
+            after = out[0] if isinstance(out, tuple) else out
+            ratio, direction = transition(hidden_states.detach(), after.detach())
+            mask = run.cuts[-1].mask if run.cuts else run.mask
+            if idx not in run.transitions:
+                b, length = ratio.shape
+                run.transitions[idx] = ratio.new_zeros(b, length, 2, 2)
+                run.transition_sums[idx] = ratio.new_zeros(b, 2)
+            run.transitions[idx][:, :, which, 0] = ratio
+            run.transitions[idx][:, :, which, 1] = direction
+            weight = direction.exp() if mask is None else direction.exp() * mask
+            run.transition_sums[idx][:, which] = weight.sum(1)
+        return out
+
     def text_attention(self, idx: int, query: str, visual: torch.Tensor, text_after: torch.Tensor | None,
-                       mask: torch.Tensor | None) -> torch.Tensor:
+                       mask: torch.Tensor | None, own: tuple | None = None) -> torch.Tensor:
         """[B, L] float32 head-mean softmax attention from the query rows of layer `idx` to every
         column: the last column's row (`query="last"`), or the mean of the rows of the text tokens
-        after each row's last visual token (`"text"`; `text_after` [B, L] bool)."""
-        got = self.run.captured[idx]
+        after each row's last visual token (`"text"`; `text_after` [B, L] bool). From what the
+        layer captured as it ran, or (`own`: its input hidden states and rotary embeddings, before
+        it runs) from its own input norm and projections."""
         attn = self.layers[idx].self_attn
-        h, k, (cos, sin) = got["h"], got["k"], got["rotary"]
+        if own is None:
+            got = self.run.captured[idx]
+            h, k, (cos, sin) = got["h"], got["k"], got["rotary"]
+        else:
+            h = self.layers[idx].input_layernorm(own[0])
+            k, (cos, sin) = attn.k_proj(h), own[1]
         b, length, _ = h.shape
         heads = attn.config.num_attention_heads
         head_dim = getattr(attn, "head_dim", h.shape[-1] // heads)
@@ -200,7 +233,7 @@ class DecoderStages:
         device = hidden.device
         mask = run.cuts[-1].mask if run.cuts else run.mask
         counts = [len(p) for p in run.places]
-        kept = [point.kept(n) for n in counts]
+        kept = [point.kept(n, n0) for n, n0 in zip(counts, run.first)]
         width = max(counts, default=0)
         flat = np.full((len(counts), width), -1, dtype=np.int64)
         for i, p in enumerate(run.places):
@@ -209,7 +242,14 @@ class DecoderStages:
         signals = Signals(n_valid=to_device(counts, device), grid=(1, width), info=self.info, counts=tuple(counts),
                           features=hidden.reshape(b * length, -1)[places.clamp(min=0)])
         request = point.scorer.needs(self.info)
-        if request.text_attn:
+        # after an earlier cut the layers take the shortened sequence's rotary embeddings and ids
+        rotary = run.current.get("position_embeddings", kwargs["position_embeddings"])
+        ids = run.current.get("position_ids", kwargs.get("position_ids"))
+        for layer, moved in run.transitions.items():
+            signals.transitions[layer] = moved.reshape(b * length, 2, 2)[places.clamp(min=0)]
+            signals.transition_sums[layer] = run.transition_sums[layer][to_device(run.rows, device)]
+        if point.layer in request.text_attn or point.layer - 1 in request.text_attn:
+            at = point.layer if point.layer in request.text_attn else point.layer - 1
             visual = torch.zeros(b * length, dtype=torch.bool, device=device)
             visual[places[places >= 0]] = True
             visual = visual.view(b, length)
@@ -219,9 +259,10 @@ class DecoderStages:
                 text_after = torch.arange(length, device=device)[None, :] > last[:, None]
                 if mask is not None:
                     text_after &= mask.bool()
-            rows = self.text_attention(point.layer - 1, request.text_query, visual, text_after, mask)  # [B, L]
+            own = (hidden, rotary) if at == point.layer else None
+            rows = self.text_attention(at, request.text_query, visual, text_after, mask, own)  # [B, L]
             row_of = to_device(run.rows, device)
-            signals.text_attn[point.layer - 1] = rows[row_of[:, None], (places.clamp(min=0) % length)].masked_fill(places < 0, 0)
+            signals.text_attn[at] = rows[row_of[:, None], (places.clamp(min=0) % length)].masked_fill(places < 0, 0)
         if type(point.scorer).select is Scorer.select:
             chosen, _ = select_tokens(point.scorer.score(signals).float(), None, torch.tensor(kept), torch.tensor(counts))
         else:
@@ -254,12 +295,14 @@ class DecoderStages:
             run.places.append(new_places[at : at + k])
             at += k
         hidden = hidden.gather(1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
-        cos, sin = kwargs["position_embeddings"]
+        for layer, moved in run.transitions.items():  # the kept tokens' transitions go on with them
+            run.transitions[layer] = moved.gather(1, safe[:, :, None, None].expand(-1, -1, 2, 2)) \
+                .masked_fill((cols < 0)[:, :, None, None], 0)
+        cos, sin = rotary
         g = lambda t: t.expand(b, -1, -1).gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         current = {"position_embeddings": (g(cos), g(sin))}
-        pos = kwargs.get("position_ids")
-        if pos is not None:
-            current["position_ids"] = pos.expand(b, -1).gather(1, safe)
+        if ids is not None:
+            current["position_ids"] = ids.expand(b, -1).gather(1, safe)
         current["attention_mask"] = self.make_mask(point.layer, hidden, new_mask, kwargs.get("cache"))
         run.current = current
         return hidden
@@ -284,3 +327,12 @@ class DecoderStages:
 
         name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
         return create_causal_mask(self.stack.config, hidden, mask2d, **{name: cache}, layer_idx=layer)
+
+
+def transition(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] float32 each: how a module changes each token's representation: the magnitude
+    ratio ||after|| / ||before|| and the direction change 1 - cos(before, after)."""
+    before, after = before.float(), after.float()
+    ratio = after.norm(dim=-1) / before.norm(dim=-1).clamp(min=1e-12)
+    direction = 1 - nn.functional.cosine_similarity(before, after, dim=-1)
+    return ratio, direction

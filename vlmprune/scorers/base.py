@@ -40,6 +40,7 @@ class Request:
     cls_value_attn: tuple[int, ...] = ()
     text_attn: tuple[int, ...] = ()  # decoder layers: attention rows from the prompt to the visual tokens
     text_query: str = "last"  # whose rows: the last prompt token's, or ("text") the text after the images
+    transitions: tuple[int, ...] = ()  # decoder layers: how their attention and MLP change each token
 
     def merge(self, other: "Request") -> "Request":
         """Union of two requests (used when one forward serves several stages)."""
@@ -53,6 +54,7 @@ class Request:
             vision_hidden=uni(self.vision_hidden, other.vision_hidden),
             cls_value_attn=uni(self.cls_value_attn, other.cls_value_attn),
             text_attn=uni(self.text_attn, other.text_attn),
+            transitions=uni(self.transitions, other.transitions),
             text_query=self.text_query if self.text_attn else other.text_query,
         )
 
@@ -91,7 +93,14 @@ class Signals:
     text_attn: dict[int, torch.Tensor] = field(default_factory=dict)
     """Decoder stages: layer -> [I, N] float32 head-mean softmax attention from the prompt's query
     rows (`Request.text_query`) to each image's tokens; `features` are then the tokens' hidden states
-    entering the stage's layer."""
+    entering the stage's layer. A decoder layer's attention is computed as the layer computes it:
+    layer K's from its input before it runs, layer K-1's from what it projected."""
+    transitions: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Decoder layer -> [I, N, 2, 2] float32: for its attention (0) and MLP (1), each token's
+    magnitude ratio ||out|| / ||in|| and direction change 1 - cos(in, out), where in is the module's
+    (normed) input; `transition_sums[layer]` [I, 2] the sum over the image's row's attended tokens of
+    exp(direction change), per module, as the layer ran."""
+    transition_sums: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def image_grids(self) -> list[tuple[int, int]]:
         """Each image's (rows, columns) token grid: `grids`, or `grid` for every image."""
@@ -232,8 +241,9 @@ class Scorer:
         return Selection(indices=idx)
 
     def schedule(self, kept) -> list[tuple[int, object]]:
-        """Decoder stages: (layer, tokens kept per image as a function of the image's tokens there)
-        for each layer the stage acts before; `kept` is the stage's budget function."""
+        """Decoder stages: (layer, tokens kept per image as a function of (its tokens there, its
+        tokens entering the decoder)) for each layer the stage acts before; `kept(n, n0)` is the
+        stage's own budget."""
         return [(self.layer, kept)]
 
     def __repr__(self) -> str:

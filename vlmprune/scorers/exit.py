@@ -27,7 +27,7 @@ class ExitScorer(Scorer):
         self.layer = layer
 
     def schedule(self, kept):
-        return [(self.layer, lambda n: 0)]
+        return [(self.layer, lambda n, n0: 0)]
 
     def select(self, signals: Signals, k: torch.Tensor) -> Selection:
         return Selection(indices=torch.zeros(signals.num_images, 0, dtype=torch.long, device=signals.n_valid.device))

@@ -35,7 +35,7 @@ class PDropScorer(Scorer):
         self.ratio = check_number(self.name, "ratio", ratio, 0.0, 1.0, lo_open=True)
 
     def schedule(self, kept):
-        return [(layer, lambda n: min(n, math.floor(n * self.ratio + 0.5))) for layer in self.layers]
+        return [(layer, lambda n, n0: min(n, math.floor(n * self.ratio + 0.5))) for layer in self.layers]
 
     def needs(self, info: EncoderInfo) -> Request:
         return Request(text_attn=tuple(layer - 1 for layer in self.layers))
