@@ -69,13 +69,14 @@ class Run:
     prefill: bool
     mask: torch.Tensor | None  # [B, L] 2-D mask of the decoder input (None: all attended)
     valid: list[int] = field(default_factory=list)  # prefill: attended tokens per row (host)
-    places: list[np.ndarray] = field(default_factory=list)  # per image: its tokens' flat places (prefill)
+    places: Any = None  # per image its tokens' flat places: host arrays, then after the first cut [I, N] on the device
     rows: list[int] = field(default_factory=list)  # per image: its row
     cuts: list[Cut] = field(default_factory=list)  # prefill: made as the layers run; decode: the prefill's
     length: int = 0  # decode: the decoder input length of the prefill
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> its attention's inputs
     current: dict[str, Any] = field(default_factory=dict)  # what layers after a point take instead
     first: list[int] = field(default_factory=list)  # per image: its tokens entering the decoder
+    counts: list[int] | None = None  # per image: its tokens now (after the first cut; host)
     transitions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L, 2, 2] (see `transition`)
     transition_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, 2]
 
@@ -232,15 +233,16 @@ class DecoderStages:
         b, length, _ = hidden.shape
         device = hidden.device
         mask = run.cuts[-1].mask if run.cuts else run.mask
-        counts = [len(p) for p in run.places]
+        if run.counts is None:  # the first cut: the images' places come from the host
+            run.counts = [len(p) for p in run.places]
+            flat = np.full((len(run.counts), max(run.counts, default=0)), -1, dtype=np.int64)
+            for i, p in enumerate(run.places):
+                flat[i, : len(p)] = p
+            run.places = to_device(torch.from_numpy(flat), device)
+        counts, places = run.counts, run.places  # [I, N] flat places in [B, L] (-1 pad), on the device
         kept = [point.kept(n, n0) for n, n0 in zip(counts, run.first)]
-        width = max(counts, default=0)
-        flat = np.full((len(counts), width), -1, dtype=np.int64)
-        for i, p in enumerate(run.places):
-            flat[i, : len(p)] = p
-        places = to_device(torch.from_numpy(flat), device)  # [I, N] flat places (-1 pad)
-        signals = Signals(n_valid=to_device(counts, device), grid=(1, width), info=self.info, counts=tuple(counts),
-                          features=hidden.reshape(b * length, -1)[places.clamp(min=0)])
+        signals = Signals(n_valid=to_device(counts, device), grid=(1, places.shape[1]), info=self.info,
+                          counts=tuple(counts), features=hidden.reshape(b * length, -1)[places.clamp(min=0)])
         request = point.scorer.needs(self.info)
         # after an earlier cut the layers take the shortened sequence's rotary embeddings and ids
         rotary = run.current.get("position_embeddings", kwargs["position_embeddings"])
@@ -248,11 +250,9 @@ class DecoderStages:
         for layer, moved in run.transitions.items():
             signals.transitions[layer] = moved.reshape(b * length, 2, 2)[places.clamp(min=0)]
             signals.transition_sums[layer] = run.transition_sums[layer][to_device(run.rows, device)]
+        visual = mark(torch.zeros(b * length, dtype=torch.bool, device=device), places, True).view(b, length)
         if point.layer in request.text_attn or point.layer - 1 in request.text_attn:
             at = point.layer if point.layer in request.text_attn else point.layer - 1
-            visual = torch.zeros(b * length, dtype=torch.bool, device=device)
-            visual[places[places >= 0]] = True
-            visual = visual.view(b, length)
             text_after = None
             if request.text_query == "text":
                 last = torch.where(visual, torch.arange(length, device=device), -1).amax(1)
@@ -268,11 +268,9 @@ class DecoderStages:
         else:
             chosen = point.scorer.select(signals, torch.tensor(kept)).indices
         # the columns that go on: every attended non-visual column, and the chosen visual ones
-        keep = torch.ones(b * length, dtype=torch.bool, device=device) if mask is None else mask.bool().reshape(-1).clone()
-        keep[places[places >= 0]] = False
-        kept_places = places.gather(1, chosen.clamp(min=0))[chosen >= 0]
-        keep[kept_places] = True
-        keep = keep.view(b, length)
+        kept_places = places.gather(1, chosen.clamp(min=0)).masked_fill(chosen < 0, -1)  # [I, kmax]
+        keep = ~visual if mask is None else mask.bool() & ~visual
+        keep = mark(keep.reshape(-1), kept_places, True).view(b, length)
         lens = list(run.valid)
         for i, (n, k) in enumerate(zip(counts, kept)):
             lens[run.rows[i]] -= n - k
@@ -285,15 +283,13 @@ class DecoderStages:
         safe = cols.clamp(min=0)
         new_mask = (cols >= 0) if mask is None else mask.bool().gather(1, safe) & (cols >= 0)
         run.cuts.append(Cut(cols, new_mask.long(), chosen, kept, length))
-        # the places of the images' kept tokens in the new sequence, for a later point
-        where = torch.full((b * length,), -1, dtype=torch.long, device=device)
-        where[(torch.arange(b, device=device)[:, None] * length + safe)[cols >= 0]] = \
-            torch.arange(b * new_len, device=device).view(b, new_len)[cols >= 0]
-        new_places = where[kept_places].cpu().numpy()
-        run.places, at = [], 0
-        for k in kept:
-            run.places.append(new_places[at : at + k])
-            at += k
+        # the places of the images' kept tokens in the new sequence, for a later cut (on the device)
+        where = torch.full((b * length + 1,), -1, dtype=torch.long, device=device)
+        flat_cols = torch.where(cols >= 0, torch.arange(b, device=device)[:, None] * length + safe, b * length)
+        where.scatter_(0, flat_cols.reshape(-1), torch.arange(b * new_len, device=device))
+        where[-1] = -1
+        run.places = where[kept_places.masked_fill(kept_places < 0, b * length)]
+        run.counts = kept
         hidden = hidden.gather(1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
         for layer, moved in run.transitions.items():  # the kept tokens' transitions go on with them
             run.transitions[layer] = moved.gather(1, safe[:, :, None, None].expand(-1, -1, 2, 2)) \
@@ -336,3 +332,11 @@ def transition(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor,
     ratio = after.norm(dim=-1) / before.norm(dim=-1).clamp(min=1e-12)
     direction = 1 - nn.functional.cosine_similarity(before, after, dim=-1)
     return ratio, direction
+
+
+def mark(flat: torch.Tensor, index: torch.Tensor, value: bool) -> torch.Tensor:
+    """`flat` with `value` at the (flat) positions in `index`, skipping -1 entries, without a host
+    sync (boolean indexing would wait for the device to count them)."""
+    out = torch.cat([flat, flat.new_zeros(1)])
+    out[index.reshape(-1).masked_fill(index.reshape(-1) < 0, flat.numel())] = value
+    return out[:-1]
