@@ -189,7 +189,8 @@ def assemble(
     if needs_source:
         source, image_start, rank = buf[-3:]
         if visual.numel():  # the visual places' columns: their image's first column + their index in it
-            source.index_copy_(0, visual, image_start + visual_index.to(device))
+            # out of place: `source` shares the copied buffer with `visual`, which autograd may keep
+            source = source.index_copy(0, visual, image_start + visual_index.to(device))
         source = source.view(b, new_len)  # padding places hold 0
         if position_ids is not None:
             pos = position_ids.to(device).expand(b, -1).gather(1, source)
@@ -216,5 +217,5 @@ def place_columns(layout: Layout, visual_index: torch.Tensor, device) -> torch.T
     host = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False))
     source, visual, image_start = to_device(host, device).split([p.size for p in parts])
     if visual.numel():
-        source.index_copy_(0, visual, image_start + visual_index.to(device))
+        source = source.index_copy(0, visual, image_start + visual_index.to(device))
     return source.view(layout.ids.shape)

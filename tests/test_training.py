@@ -1,0 +1,86 @@
+"""Training through a pruned forward: the loss and the gradients (projector, vision tower) equal
+those of the oracle, the unpatched model fed the kept (or merged) visual tokens by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmprune
+from tests.conftest import IMAGE_TOKEN, N_VIS, pixels, prompt, tiny_llava
+from vlmprune.adapters.base import run_scorer
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["cls", "divprune", "visionzip"])
+def test_llava_loss_and_gradients_equal_the_oracle(method):
+    model = tiny_llava(seed=40)
+    model.train()
+    ids, pv = prompt(2, seed=41), pixels(2, seed=42)
+    labels = torch.tensor([ids]).masked_fill(torch.tensor([ids]) == IMAGE_TOKEN, -100)
+    vlmprune.patch(model, method, keep=5)
+    loss = model(input_ids=torch.tensor([ids]), pixel_values=pv, labels=labels).loss
+    loss.backward()
+    got = grads(model)
+    kept = vlmprune.last_selection(model)[0]
+    adapter = model._vlmprune_adapter
+    model.zero_grad()
+    # the oracle: the features (with their graph) at the kept places, by hand
+    enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
+    signals = adapter.signals_for(enc)
+    idx, placed = run_scorer(adapter.stage.scorer, signals, signals.features, torch.tensor([5, 5]))
+    vlmprune.unpatch(model)
+    cols, parts, img, i = [], [], 0, 0
+    embed = model.get_input_embeddings()
+    while i < len(ids):
+        if ids[i] == IMAGE_TOKEN:
+            assert torch.equal(idx[img][: len(kept[img])], kept[img])
+            parts.append(placed[img, : len(kept[img])])
+            cols += (i + kept[img]).tolist()
+            i += N_VIS
+            img += 1
+        else:
+            parts.append(embed(torch.tensor([ids[i]])))
+            cols.append(i)
+            i += 1
+    ref = model(inputs_embeds=torch.cat(parts)[None], labels=labels[:, cols]).loss
+    ref.backward()
+    want = grads(model)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    assert got.keys() == want.keys() and any("multi_modal_projector" in n for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_pruned_forward_trains_the_merger_and_tower(family):
+    """A pruned Qwen forward with labels backpropagates into the merger and the vision blocks, and
+    its loss equals the oracle's (the logits oracle of tests/test_qwen.py, labels at kept columns)."""
+    from tests.test_qwen import oracle_call, placed
+    from vlmprune.eval.tiny import qwen_inputs, tiny_qwen
+
+    model = tiny_qwen(family, seed=43)
+    model.train()
+    items = [("image", (1, 8, 8)), ("image", (1, 4, 8))]
+    inputs = qwen_inputs([items], seed=44)
+    labels = inputs["input_ids"].masked_fill(inputs["mm_token_type_ids"] > 0, -100)
+    vlmprune.patch(model, "cls", keep=4)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    g = grads(model)
+    assert any("merger" in n for n in g) and any("visual.blocks.0" in n for n in g)
+    kept, feats, enc = placed(model, inputs)
+    vlmprune.unpatch(model)
+    with torch.no_grad():
+        call = oracle_call(model, inputs, items, kept, feats, enc)
+        ids = inputs["input_ids"][0]
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        starts = (ids == 95).nonzero()[:, 0]
+        keep[starts] = False
+        for cols, k in zip(starts.split([16, 8]), kept):
+            keep[cols[k]] = True
+        ref = model(**call, labels=labels[:, keep]).loss
+    torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=0)
