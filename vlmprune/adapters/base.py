@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -158,8 +159,8 @@ class Adapter:
                     f"{e}. Method {self.stage.method!r} does not run on {type(model).__name__}; the methods that "
                     f"do: {self.supported_methods()}"
                 ) from None
-        self._last: list[list[torch.Tensor]] | PendingSelection | None = None
-        self._cuts: list | None = None  # the decoder cuts of the latest prefill
+        self._local = threading.local()  # per thread: the latest prefill's selection (`_last`, `_cuts`)
+        self.lock = threading.RLock()  # one patched call at a time: the taps and decoder wrappers are shared
         self._signals: dict[int, tuple[weakref.ref, Recorded, int]] = {}  # id(features) -> (ref, batch, row)
         self._saved_encoder: dict[str, Any] = {}
         self.decoder: DecoderStages | None = None
@@ -170,6 +171,34 @@ class Adapter:
                 points += [Point(layer, config.stages.index(stage), stage.scorer, kept)
                            for layer, kept in stage.scorer.schedule(budget_of)]
             self.decoder = DecoderStages(model, points, self.info)
+
+    @property
+    def _last(self) -> list[list[torch.Tensor]] | PendingSelection | None:
+        """The latest prefill's kept indices in this thread (`last_selection` is per thread)."""
+        return getattr(self._local, "last", None)
+
+    @_last.setter
+    def _last(self, value) -> None:
+        self._local.last = value
+
+    @property
+    def _cuts(self) -> list | None:
+        """The decoder cuts of this thread's latest prefill."""
+        return getattr(self._local, "cuts", None)
+
+    @_cuts.setter
+    def _cuts(self, value) -> None:
+        self._local.cuts = value
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a new lock and no thread state
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        state.pop("lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local, self.lock = threading.local(), threading.RLock()
 
     # --- family-specific ---------------------------------------------------------------
     def encoder_info(self) -> EncoderInfo:
@@ -226,9 +255,9 @@ class Adapter:
         @functools.wraps(orig)
         def encode(*args, **kwargs):
             inputs = bind_inputs(orig, args, kwargs)
-            with self.collecting(inputs) as finish:
+            with self.lock, self.collecting(inputs) as finish:
                 out = orig(*args, **kwargs)
-            self.record(list(out.pooler_output), finish(out), self.encoder_grids(inputs))
+                self.record(list(out.pooler_output), finish(out), self.encoder_grids(inputs))
             return out
 
         return encode
@@ -520,7 +549,7 @@ class Adapter:
         if self._last is None:
             return None
         out = [self._last]
-        for cut in getattr(self, "_cuts", None) or []:
+        for cut in self._cuts or []:
             chosen = cut.chosen.cpu()
             flat = [t for row in out[-1] for t in row]
             picked = [flat[i][chosen[i][: cut.kept[i]]] for i in range(len(flat))]
@@ -679,6 +708,7 @@ def make_forward(model: nn.Module, orig: Callable) -> Callable:
         adapter = model.__dict__.get("_vlmprune_adapter")
         if adapter is None:
             return orig(*args, **kwargs)
-        return adapter.forward(orig, bind_inputs(orig, args, kwargs))
+        with adapter.lock:  # threads sharing the model take turns (their results are the serial ones)
+            return adapter.forward(orig, bind_inputs(orig, args, kwargs))
 
     return forward
