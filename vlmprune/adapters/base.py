@@ -376,8 +376,8 @@ class Adapter:
         cuts = getattr(cache, DECODER_ATTR, None) if cache is not None else None
         if cuts is not None and self.decoder is not None:  # layers after a decoder stage: their own cache
             mask = inputs.get("attention_mask")
-            if mask is not None and mask.ndim != 2:
-                raise ValueError("vlmprune: decoding after a decoder-stage prefill needs a 2-D attention mask (or None)")
+            if isinstance(mask, dict) or (mask is not None and mask.ndim == 4):  # static cache: see decode_inputs
+                mask = None
             return self.run_decoder(orig, inputs, Run(False, mask, cuts=cuts[1], length=cuts[0]))
         return orig(**inputs)
 
@@ -427,6 +427,8 @@ class Adapter:
         if input_ids is None:
             raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
         mask = inputs.get("attention_mask")
+        if isinstance(mask, dict) or (mask is not None and mask.ndim == 4):  # a static cache: generate() made it 4-D
+            mask = inputs["attention_mask"] = padding_mask(mask, input_ids.shape[1])
         if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(
                 f"vlmprune: pruning needs a 2-D attention_mask shaped like input_ids {tuple(input_ids.shape)} "
@@ -565,9 +567,11 @@ class Adapter:
         ids = inputs.get("input_ids")
         q = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]
         mask = inputs.get("attention_mask")
+        if isinstance(mask, dict) or (mask is not None and mask.ndim == 4):
+            # a static cache: generate()'s 4-D mask is made for the unpruned length at the pruned
+            # cache's offset; the new tokens are attended, so the prefill's mask says it all
+            mask = inputs["attention_mask"] = None
         if mask is not None:
-            if mask.ndim != 2:
-                raise ValueError("vlmprune: decoding after a pruned prefill needs a 2-D attention mask (or None)")
             expected = past + q + state.orig_len - state.new_len
             if mask.shape[1] != expected:
                 raise ValueError(
@@ -587,6 +591,16 @@ class Adapter:
             device = state.removed.device
             inputs["position_ids"] = (torch.arange(q, device=device) + start)[None, :]
         return inputs
+
+
+def padding_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The 2-D padding mask [B, length] behind a 4-D causal mask [B, 1, Q, K] as generate() makes
+    it for compileable caches (or a dict of them by layer type: its full-attention one): the last
+    query row attends every valid key up to `length`."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    row = mask[:, 0, -1, :length]
+    return (row if row.dtype == torch.bool else row == 0).long()
 
 
 def images_by_row(row_counts: list[int], per_image: list[int]) -> list[list[int]]:
