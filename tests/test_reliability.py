@@ -39,3 +39,19 @@ def test_qwen_static_cache_generates_the_dynamic_tokens(family):
         dynamic = model.generate(**batch, **GEN)
         static = model.generate(**batch, cache_implementation="static", **GEN)
     assert torch.equal(dynamic, static)
+
+
+def test_compiled_forward_generates_the_eager_tokens():
+    """`model.forward = torch.compile(model.forward)` on a patched model: the pruning step runs
+    outside the graph (a graph break) and the model's own forward is compiled."""
+    model = tiny_llava(seed=68, text_layers=4)
+    ids, mask = left_pad([prompt(1, seed=69), prompt(1, seed=70, after=8)])
+    pv = pixels(2, seed=71)
+    vlmprune.patch(model, [("cls", {"keep": 6}), ("fastv", {"layer": 2, "keep": 3})])
+    with torch.no_grad():
+        eager = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, **GEN)
+        model.forward = torch.compile(model.forward)
+        compiled = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, **GEN)
+    assert torch.equal(eager, compiled)
+    adapter = model._vlmprune_adapter
+    assert getattr(adapter, "_compiled", None) is not None  # the model's forward went through torch.compile

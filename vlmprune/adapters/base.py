@@ -529,6 +529,13 @@ class Adapter:
         state = DecodeState(out.orig_len, out.new_len, out.attention_mask, out.removed, self.config.positions)
         return rest, state
 
+    def compiled(self, orig: Callable) -> Callable:
+        """`torch.compile(orig)`, made once: the model's own forward when the user compiles the
+        patched one (the pruning step stays outside the graph, see `make_forward`)."""
+        if getattr(self, "_compiled", (None, None))[0] is not orig:
+            self._compiled = (orig, torch.compile(orig))
+        return self._compiled[1]
+
     def after_prefill(self, state: DecodeState) -> None:
         """Family bookkeeping after a pruned prefill (Qwen: the rope deltas of decode steps)."""
 
@@ -722,7 +729,16 @@ def make_forward(model: nn.Module, orig: Callable) -> Callable:
         adapter = model.__dict__.get("_vlmprune_adapter")
         if adapter is None:
             return orig(*args, **kwargs)
-        with adapter.lock:  # threads sharing the model take turns (their results are the serial ones)
-            return adapter.forward(orig, bind_inputs(orig, args, kwargs))
+        if torch.compiler.is_compiling():  # the user compiled the patched forward: the pruning runs eagerly
+            return _eager_forward(adapter, adapter.compiled(orig), args, kwargs)  # and the model compiled
+        return _eager_forward(adapter, orig, args, kwargs)
 
     return forward
+
+
+@torch.compiler.disable
+def _eager_forward(adapter: Adapter, orig: Callable, args: tuple, kwargs: dict[str, Any]):
+    """The pruning step (host planning, scorers, kernels) outside any compiled graph; `orig` is the
+    model's forward, itself compiled when the user compiled the patched one."""
+    with adapter.lock:  # threads sharing the model take turns (their results are the serial ones)
+        return adapter.forward(orig, bind_inputs(orig, args, kwargs))
