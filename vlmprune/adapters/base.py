@@ -376,7 +376,7 @@ class Adapter:
         cuts = getattr(cache, DECODER_ATTR, None) if cache is not None else None
         if cuts is not None and self.decoder is not None:  # layers after a decoder stage: their own cache
             mask = inputs.get("attention_mask")
-            if isinstance(mask, dict) or (mask is not None and mask.ndim == 4):  # static cache: see decode_inputs
+            if generated_4d(mask):  # static cache: see decode_inputs
                 mask = None
             return self.run_decoder(orig, inputs, Run(False, mask, cuts=cuts[1], length=cuts[0]))
         return orig(**inputs)
@@ -427,7 +427,7 @@ class Adapter:
         if input_ids is None:
             raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
         mask = inputs.get("attention_mask")
-        if isinstance(mask, dict) or (mask is not None and mask.ndim == 4):  # a static cache: generate() made it 4-D
+        if generated_4d(mask):  # a static cache: generate() made it 4-D
             mask = inputs["attention_mask"] = padding_mask(mask, input_ids.shape[1])
         if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(
@@ -574,7 +574,7 @@ class Adapter:
         ids = inputs.get("input_ids")
         q = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]
         mask = inputs.get("attention_mask")
-        if isinstance(mask, dict) or (mask is not None and mask.ndim == 4):
+        if generated_4d(mask):
             # a static cache: generate()'s 4-D mask is made for the unpruned length at the pruned
             # cache's offset; the new tokens are attended, so the prefill's mask says it all
             mask = inputs["attention_mask"] = None
@@ -598,6 +598,14 @@ class Adapter:
             device = state.removed.device
             inputs["position_ids"] = (torch.arange(q, device=device) + start)[None, :]
         return inputs
+
+
+def generated_4d(mask: Any) -> bool:
+    """Whether `mask` is a 4-D mask as generate() makes for compileable caches (boolean, or additive
+    float; or a dict of them by layer type) rather than the 2-D padding mask."""
+    if isinstance(mask, dict):
+        return True
+    return isinstance(mask, torch.Tensor) and mask.ndim == 4 and (mask.dtype == torch.bool or mask.is_floating_point())
 
 
 def padding_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
