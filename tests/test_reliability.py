@@ -55,3 +55,30 @@ def test_compiled_forward_generates_the_eager_tokens():
     assert torch.equal(eager, compiled)
     adapter = model._vlmprune_adapter
     assert getattr(adapter, "_compiled", None) is not None  # the model's forward went through torch.compile
+
+
+def test_disk_offloaded_model_prunes_as_the_model_in_memory(tmp_path):
+    """accelerate's device_map with two decoder layers offloaded to disk (their weights loaded by
+    hooks at call time): a vision stage and a decoder stage (whose wrappers sit on an offloaded
+    layer) give the logits and tokens of the same weights in memory."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = tiny_llava(seed=72, text_layers=4)
+    model.save_pretrained(tmp_path / "m")
+    where = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "lm_head": "cpu",
+             "model.language_model.embed_tokens": "cpu", "model.language_model.norm": "cpu",
+             "model.language_model.rotary_emb": "cpu", "model.language_model.layers.0": "cpu",
+             "model.language_model.layers.1": "disk", "model.language_model.layers.2": "disk",
+             "model.language_model.layers.3": "cpu"}
+    offloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m", device_map=where,
+                                                              offload_folder=tmp_path / "off").eval()
+    ids, pv = torch.tensor([prompt(2, seed=73)]), pixels(2, seed=74)
+    for method, kwargs in [("cls", {"keep": 5}), ("fastv", {"layer": 2, "keep": 5})]:
+        vlmprune.patch(model, method, **kwargs)
+        vlmprune.patch(offloaded, method, **kwargs)
+        with torch.no_grad():
+            a, b = model(input_ids=ids, pixel_values=pv).logits, offloaded(input_ids=ids, pixel_values=pv).logits
+            assert a.shape[1] == ids.shape[1] - 2 * 11 or method == "fastv"
+            assert torch.equal(a, b)
+            assert torch.equal(model.generate(input_ids=ids, pixel_values=pv, **GEN),
+                               offloaded.generate(input_ids=ids, pixel_values=pv, **GEN))
