@@ -84,3 +84,24 @@ def test_qwen_pruned_forward_trains_the_merger_and_tower(family):
             keep[cols[k]] = True
         ref = model(**call, labels=labels[:, keep]).loss
     torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=0)
+
+
+def test_lora_fine_tuning_through_a_pruned_forward():
+    """The README's PEFT recipe: LoRA on the decoder's q/v and a trainable projector, on a patched
+    model; one step lowers the loss of the pruned forward and trains only LoRA and the projector."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llava(seed=45)
+    vlmprune.patch(model, "divprune", keep=5)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      modules_to_save=["multi_modal_projector"]))
+    lora.train()
+    ids, pv = torch.tensor([prompt(1, seed=46)]), pixels(1, seed=47)
+    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    opt = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.5)
+    first = lora(input_ids=ids, pixel_values=pv, labels=labels)
+    assert first.logits.shape[1] == ids.shape[1] - (N_VIS - 5)  # the forward was pruned
+    first.loss.backward()
+    trained = {n for n, p in lora.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n or "multi_modal_projector" in n for n in trained)
+    opt.step()
+    assert lora(input_ids=ids, pixel_values=pv, labels=labels).loss < first.loss
