@@ -109,10 +109,8 @@ def last_selection(model: torch.nn.Module, stage: int | None = None) -> list[lis
     n = len(adapter.config.stages)
     if not isinstance(stage, int) or not 0 <= stage < n:
         raise ValueError(f"last_selection: stage must be an int in 0..{n - 1} (this config has {n} stages), got {stage!r}")
-    cut_stages = [] if adapter.decoder is None else [p.stage for p in adapter.decoder.points]
-    has_vision = adapter.stage is not None
-    # stages[0] is the vision stage's selection (everything, when there is none); stages[1 + j] follows cut j
     if adapter.config.stages[stage].where == "vision":
-        return stages[0]
-    last_cut = max(j for j, s in enumerate(cut_stages) if s == stage)
-    return stages[1 + last_cut] if len(stages) > 1 + last_cut else stages[-1] if has_vision else stages[-1]
+        return stages[0]  # the vision stage's selection (everything, when there is none)
+    # stages[1 + j] follows decoder cut j; a multi-layer stage's selection is its last cut's
+    last_cut = max(j for j, p in enumerate(adapter.decoder.points) if p.stage == stage)
+    return stages[min(1 + last_cut, len(stages) - 1)]
