@@ -15,14 +15,15 @@ from tests.test_llava import image_features, oracle_row
 VISION_METHODS = [m for m in vlmprune.available_methods() if scorer_class(m).stage == "vision"]
 
 
-def placed_features(model, pv, kept):
+def placed_features(model, pv, kept, ids):
     """What belongs at the kept places: the scorer's merged features for merging methods,
     else the original features at the kept indices."""
     feats = image_features(model, pv)
     adapter = model._vlmprune_adapter
     with torch.no_grad():
-        enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
-        signals = adapter.signals_for(enc)
+        inputs = {"input_ids": torch.tensor([ids]), "pixel_values": pv}
+        prompt_ = adapter.read_prompt(inputs)
+        signals = adapter.prefill_signals(prompt_, adapter.encode(inputs, prompt_))
         k = torch.tensor([len(s) for s in kept])
         idx, out = run_scorer(adapter.stage.scorer, signals, signals.features, k)
     for i, sel in enumerate(kept):
@@ -41,7 +42,7 @@ def test_method_matches_hand_fed_oracle(method, keep):
         out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
     kept = vlmprune.last_selection(model)[0]
     assert [len(k) for k in kept] == [keep, keep]
-    feats = placed_features(model, pv, kept)
+    feats = placed_features(model, pv, kept, ids)
     vlmprune.unpatch(model)
     ref = oracle_row(model, ids, feats, kept, "compact")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
@@ -66,8 +67,9 @@ def test_selection_pads_ragged_budgets_with_zeros_and_gathers_full_ones(method):
     scorer = adapter.stage.scorer
     merging = type(scorer).merges
     with torch.no_grad():
-        enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
-        signals = adapter.signals_for(enc)
+        inputs = {"input_ids": torch.tensor([prompt(2, seed=13)]), "pixel_values": pv}
+        prompt_ = adapter.read_prompt(inputs)
+        signals = adapter.prefill_signals(prompt_, adapter.encode(inputs, prompt_))
         if type(scorer).select is not Scorer.select:  # `merges` says whether its Selection carries features
             assert (scorer.select(signals, torch.tensor([4, 1])).features is not None) == merging
         for budgets in ([4, 1], [3, 3]):

@@ -54,8 +54,9 @@ def placed(model, inputs):
     patched model's own scorer on the encoder's signals (merging methods: their merged features)."""
     adapter = model._vlmprune_adapter
     with torch.no_grad():
-        enc = adapter.encode(inputs, adapter.read_prompt(inputs))
-        signals = adapter.signals_for(enc.feats, enc.grids)
+        prompt_ = adapter.read_prompt(inputs)
+        enc = adapter.encode(inputs, prompt_)
+        signals = adapter.prefill_signals(prompt_, enc)
         k = torch.tensor([adapter.config.kept(int(f.shape[0])) for f in enc.feats])
         idx, out = run_scorer(adapter.stage.scorer, signals, signals.features, k)
     kept = [idx[i][idx[i] >= 0] for i in range(len(enc.feats))]

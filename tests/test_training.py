@@ -29,8 +29,9 @@ def test_llava_loss_and_gradients_equal_the_oracle(method):
     adapter = model._vlmprune_adapter
     model.zero_grad()
     # the oracle: the features (with their graph) at the kept places, by hand
-    enc = list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
-    signals = adapter.signals_for(enc)
+    inputs = {"input_ids": torch.tensor([ids]), "pixel_values": pv}
+    prompt_ = adapter.read_prompt(inputs)
+    signals = adapter.prefill_signals(prompt_, adapter.encode(inputs, prompt_))
     idx, placed = run_scorer(adapter.stage.scorer, signals, signals.features, torch.tensor([5, 5]))
     vlmprune.unpatch(model)
     cols, parts, img, i = [], [], 0, 0

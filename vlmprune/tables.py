@@ -24,9 +24,9 @@ def _first_line(doc: str | None) -> str:
 def signals_text(name: str) -> str:
     """The signals a method reads with its defaults on CLIP-L (0-based encoder layers)."""
     req = build_scorer(name).needs(CLIP_L)
-    parts = ["features"] if req.features else []
+    parts = (["features"] if req.features else []) + (["text_embeds"] if req.text_embeds else [])
     for field in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden",
-                  "text_attn", "transitions"):
+                  "attn_graph", "text_attn", "transitions"):
         layers = getattr(req, field)
         if layers:
             span = f"{layers[0]}..{layers[-1]}" if len(layers) > 2 else ",".join(map(str, layers))
@@ -66,8 +66,8 @@ def support_text(name: str, adapter) -> dict[str, str]:
         except ValueError:
             out[model_type] = "unsupported"
             continue
-        used = [f for f in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden")
-                if getattr(req, f)] + (["features"] if req.features else [])
+        used = [f for f in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden",
+                            "attn_graph", "features", "text_embeds") if getattr(req, f)]
         if any(f not in have for f in used):
             out[model_type] = "unsupported"
             continue

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vlmprune.adapters.decoder import DecoderStages, Point, Run
+from vlmprune.adapters.vit import pad_graphs
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
 from vlmprune.kernels.select import to_device
@@ -29,7 +30,7 @@ DECODER_ATTR = "_vlmprune_decoder"  # on the KV cache after a prefill with decod
 CACHE_NAMES = ("cache", "past_key_values")
 """What the KV cache is called in forward kwargs and outputs: `cache` from transformers 5.24,
 `past_key_values` before (5.24 still accepts the old name)."""
-SIGNAL_NAMES = ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden")
+SIGNAL_NAMES = ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden", "attn_graph")
 _MISSING = object()
 
 
@@ -224,7 +225,7 @@ class Adapter:
 
     def provides(self) -> set[str]:
         """Signal names this family can compute."""
-        return {"features", *SIGNAL_NAMES}
+        return {"features", "text_embeds", *SIGNAL_NAMES}
 
     def supported_methods(self) -> list[str]:
         """The registered vision-stage methods (default options) whose signals this model provides."""
@@ -331,9 +332,40 @@ class Adapter:
                 setattr(signals, name, whole.tables[name])
                 continue
             table = getattr(signals, name)
+            stack = pad_graphs if name == "attn_graph" else stack_padded  # graphs: [H, T, T] per image
             for layer in getattr(self.request, name):
-                table[layer] = stack_padded([b.tables[name][layer][r] for b, r in found])
+                table[layer] = stack([b.tables[name][layer][r] for b, r in found])
         return signals
+
+    def prefill_signals(self, prompt: Prompt, enc: Encoded) -> Signals:
+        """The signals of a prefill's items (`signals_for`), with the prompt's text embeddings when
+        the scorer asks for them."""
+        signals = self.signals_for(enc.feats, enc.grids)
+        if self.request.text_embeds:
+            per_image = [int(f.shape[0]) for f in enc.feats]
+            rows = images_by_row(prompt.row_counts, per_image)
+            signals.text_embeds, signals.text_counts = self.text_embeddings(prompt, rows, signals.features.device)
+        return signals
+
+    def text_embeddings(self, prompt: Prompt, rows: list[list[int]], device) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """[I, M, D] input embeddings of each image's row's text after the row's last visual token
+        (attended, non-visual tokens, in order; zero-padded) and how many each image has."""
+        ids, visual = prompt.ids.numpy(), prompt.is_visual.numpy()
+        attended = np.ones_like(visual) if prompt.mask is None else prompt.mask.numpy() != 0
+        per_row = []
+        for r in range(ids.shape[0]):
+            cols = np.flatnonzero(visual[r])
+            after = np.arange(ids.shape[1]) > (cols[-1] if cols.size else -1)
+            per_row.append(ids[r][after & attended[r] & ~visual[r]])
+        texts = [per_row[r] for r, row in enumerate(rows) for _ in row]
+        width = max((len(t) for t in texts), default=0)
+        table = np.zeros((len(texts), max(width, 1)), dtype=np.int64)
+        for i, t in enumerate(texts):
+            table[i, : len(t)] = t
+        counts = tuple(len(t) for t in texts)
+        embeds = self.model.get_input_embeddings()(to_device(torch.from_numpy(table), device))
+        valid = torch.arange(table.shape[1])[None, :] < torch.tensor(counts, dtype=torch.long)[:, None]
+        return embeds * valid.to(device=embeds.device, dtype=embeds.dtype)[..., None], counts
 
     def image_grid(self, n: int) -> tuple[int, int]:
         """The token grid of an image of n tokens: the encoder's, or one row where it does not fit."""
@@ -345,8 +377,10 @@ class Adapter:
         """Raise if the scorer needs a signal, or a layer, this model cannot provide."""
         have = self.provides()
         method = method or self.stage.method
-        if request.features and "features" not in have:
-            raise ValueError(f"method {method!r} needs the visual-token features, which this adapter does not give")
+        for name in ("features", "text_embeds"):
+            if getattr(request, name) and name not in have:
+                raise ValueError(f"method {method!r} needs signal {name!r}, which {type(self.model).__name__} "
+                                 f"cannot provide; it provides {sorted(have)}")
         for name in SIGNAL_NAMES:
             layers = getattr(request, name)
             if layers and name not in have:
@@ -475,7 +509,7 @@ class Adapter:
 
         layout = plan_layout(prompt.ids, prompt.is_visual, per_image, kept, prompt.right_padded, prompt.mask,
                              columns=self.needs_columns(inputs))
-        signals = self.signals_for(feats, enc.grids)
+        signals = self.prefill_signals(prompt, enc)
         k = torch.tensor(kept)  # on the host: the kernels read budgets without a device sync
         idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
         if type(self.stage.scorer).select is not Scorer.select:  # a scorer's own selection: check the plan

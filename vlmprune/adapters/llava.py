@@ -36,7 +36,7 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     default_positions = "compact"
     reference = {"llava": (EncoderInfo(num_layers=24, feature_layer=22, has_cls=True, grid=(24, 24)),
-                           frozenset({"features", *SIGNAL_NAMES}))}
+                           frozenset({"features", "text_embeds", *SIGNAL_NAMES}))}
 
     @property
     def vision_tower(self) -> torch.nn.Module:
@@ -112,4 +112,5 @@ def signal_tables(got: Collected) -> dict[str, dict[int, torch.Tensor]]:
         "keys": got.keys,
         "value_norms": got.value_norms,
         "vision_hidden": got.vision_hidden,
+        "attn_graph": got.attn_graph,
     }

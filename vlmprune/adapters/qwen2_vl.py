@@ -35,13 +35,14 @@ from torch import nn
 from vlmprune.adapters.base import (
     Adapter, DecodeState, Encoded, Prompt, find_cache, kept_rows, register_adapter, stack_padded,
 )
-from vlmprune.adapters.vit import Tap, detached, received_attention
+from vlmprune.adapters.vit import Tap, detached, pad_graphs, received_attention
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
+from vlmprune.kernels.graph import attention_graph_ref
 from vlmprune.scorers.base import EncoderInfo, Request
 
 KINDS = ("image", "video")
-PROVIDES = frozenset({"features", "received_attn", "keys"})
+PROVIDES = frozenset({"features", "text_embeds", "received_attn", "keys", "attn_graph"})
 
 
 @register_adapter
@@ -59,7 +60,8 @@ class QwenVLAdapter(Adapter):
         "qwen2_5_vl": (EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None), PROVIDES),
         "qwen3_vl": (EncoderInfo(num_layers=27, feature_layer=26, has_cls=False, grid=None), PROVIDES),
     }
-    fallbacks = {"received_attn": "received attention (no CLS)", "keys": "2x2-pooled keys"}
+    fallbacks = {"received_attn": "received attention (no CLS)", "keys": "2x2-pooled keys",
+                 "attn_graph": "2x2-pooled attention graph"}
 
     @property
     def visual(self) -> nn.Module:
@@ -300,7 +302,7 @@ class QwenTaps:
 
     def __init__(self, visual: nn.Module, request: Request):
         self.visual, self.request = visual, request
-        self.layers = tuple(sorted(set(request.received_attn) | set(request.keys)))
+        self.layers = tuple(sorted(set(request.received_attn) | set(request.keys) | set(request.attn_graph)))
         self.unit = int(visual.spatial_merge_size) ** 2
         for layer in self.layers:
             if not isinstance(getattr(visual.blocks[layer].attn, "qkv", None), nn.Linear):
@@ -326,7 +328,7 @@ class QwenTaps:
     def tables(self, seen: dict[int, dict[str, Any]], grid_thw: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
         """name -> layer -> [items, N, ...] signals at the LLM-token level (merge groups pooled, in
         the merger's output order), zero-padded to the longest item."""
-        out: dict[str, dict[int, torch.Tensor]] = {"received_attn": {}, "keys": {}}
+        out: dict[str, dict[int, torch.Tensor]] = {"received_attn": {}, "keys": {}, "attn_graph": {}}
         if not self.layers:
             return out
         thw = grid_thw.tolist()
@@ -343,13 +345,19 @@ class QwenTaps:
             q, k, _ = qkv.view(s, 3, attn.num_heads, -1).unbind(1)  # [S, H, d] each
             if layer in self.request.keys:
                 out["keys"][layer] = self.per_item(k.reshape(s, -1), order, sizes)
-            if layer in self.request.received_attn:
+            if layer in self.request.received_attn or layer in self.request.attn_graph:
                 rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision  # as the block applies it
                 cos, sin = got["rotary"]
                 qr, kr = rotary(q, k, cos, sin)
+                qr, kr = qr.reshape(s, -1), kr.reshape(s, -1)
                 bounds = got["cu_seqlens"].tolist()
-                r = segment_received(qr.reshape(s, -1), kr.reshape(s, -1), bounds, attn.num_heads, attn.scaling)
+            if layer in self.request.received_attn:
+                r = segment_received(qr, kr, bounds, attn.num_heads, attn.scaling)
                 out["received_attn"][layer] = self.per_item(r[:, None], order, sizes)[..., 0]
+            if layer in self.request.attn_graph:
+                graphs = segment_graph(qr, kr, bounds, attn.num_heads, attn.scaling, self.unit, sizes,
+                                       mean_heads=self.request.attn_graph_heads == "mean")
+                out["attn_graph"][layer] = pad_graphs(self.graph_order(graphs, order, sizes))
         return out
 
     def merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
@@ -366,6 +374,19 @@ class QwenTaps:
             window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=v.spatial_merge_size,
                                                       window_size=v.window_size, patch_size=v.patch_size)
         return torch.argsort(window_index.to(grid_thw.device))
+
+    @staticmethod
+    def graph_order(graphs: list[torch.Tensor], order: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor]:
+        """Each item's [H, N, N] group graph (blocks' order) in the merger's output order (rows and
+        columns); Qwen2.5-VL's window permutation keeps every item's groups among its own."""
+        if order is None:
+            return graphs
+        out, start = [], 0
+        for g, n in zip(graphs, sizes):
+            local = (order[start : start + n] - start).to(g.device)
+            out.append(g[:, local][:, :, local])
+            start += n
+        return out
 
     def per_item(self, x: torch.Tensor, order: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
         """[S, C] per-patch values (blocks' order) -> [items, N, C] float32: the mean of each merge
@@ -390,3 +411,29 @@ def segment_received(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads:
         rows = torch.from_numpy(starts[lengths == n][:, None] + np.arange(n)[None, :]).to(q.device)  # [G, n]
         out[rows.reshape(-1)] = received_attention(q[rows], k[rows], heads, scale).reshape(-1)
     return out
+
+
+def segment_graph(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: int, scale: float, unit: int,
+                  sizes: list[int], mean_heads: bool = False) -> list[torch.Tensor]:
+    """Per item, its [H (1 for the head mean), N_i, N_i] float32 attention graph over its merge groups
+    (N_i = sizes[i] groups of `unit` consecutive patches, in the blocks' order): within each attention
+    sequence ([bounds[j], bounds[j+1]) as the block's cu_seqlens say), the softmax attention of its
+    patches, summed over each key group and averaged over each query group
+    (`attention_graph_ref`); zero between sequences (a video's frames, Qwen2.5-VL's windows).
+    Sequences of one length go together, each in query chunks."""
+    h = 1 if mean_heads else heads
+    graphs = [torch.zeros(h, n, n, dtype=torch.float32, device=q.device) for n in sizes]
+    item_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * unit  # first patch of each item
+    lengths = np.diff(np.asarray(bounds))
+    starts = np.asarray(bounds[:-1])
+    for n in np.unique(lengths):
+        if n == 0:
+            continue
+        first = starts[lengths == n]
+        rows = torch.from_numpy(first[:, None] + np.arange(n)[None, :]).to(q.device)  # [G, n]
+        g = attention_graph_ref(q[rows], k[rows], heads, scale, group=unit, mean_heads=mean_heads)
+        for j, b0 in enumerate(first.tolist()):
+            item = int(np.searchsorted(item_start, b0, side="right")) - 1
+            at = (b0 - int(item_start[item])) // unit
+            graphs[item][:, at : at + n // unit, at : at + n // unit] = g[j]
+    return graphs

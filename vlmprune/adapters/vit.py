@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from vlmprune.kernels.graph import attention_graph_ref
 from vlmprune.kernels.rows import attention_rows
-from vlmprune.scorers.base import Request, RowTable
+from vlmprune.scorers.base import Request, RowTable, stack_rows
 
 FLUSH_LAYERS = 24
 """Most layers whose projections are held before their rows are computed in one batch: every
@@ -64,6 +65,7 @@ class Collected:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
     vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_graph: dict[int, torch.Tensor] = field(default_factory=dict)  # [I, H, T, T] over all encoder tokens
 
 
 class SignalHooks:
@@ -79,7 +81,7 @@ class SignalHooks:
         self.plan: dict[int, LayerPlan] = {}
         self.active: _Capture | None = None
         for idx in sorted(set().union(request.cls_attn, request.cls_value_attn, request.received_attn,
-                                      request.keys, request.value_norms)):
+                                      request.keys, request.value_norms, request.attn_graph)):
             attn = layers[idx].self_attn
             wants = projections(request, idx)
             for name in wants:
@@ -92,6 +94,7 @@ class SignalHooks:
             self.plan[idx] = LayerPlan(
                 wants, heads, scale, keys=idx in request.keys, received=idx in request.received_attn,
                 rows=idx in request.cls_attn or idx in request.cls_value_attn or idx in request.value_norms,
+                graph=idx in request.attn_graph,
             )
         self.order = tuple(self.plan)  # ascending: the order the encoder runs them
         # per layer, a list per kept projection: its tap's `append` fills it during a capture
@@ -191,6 +194,7 @@ class LayerPlan:
     keys: bool  # its keys are a signal
     received: bool  # its received attention is computed from its q and k
     rows: bool  # its CLS rows / value norms go into the next stacked batch
+    graph: bool = False  # its full attention graph is computed from its q and k
 
 
 def detached(t: torch.Tensor) -> torch.Tensor:
@@ -201,7 +205,7 @@ def detached(t: torch.Tensor) -> torch.Tensor:
 def projections(request: Request, layer: int) -> tuple[str, ...]:
     """Which of q / k / v layer `layer` must keep for `request`."""
     need = set()
-    if layer in request.cls_attn or layer in request.received_attn:
+    if layer in request.cls_attn or layer in request.received_attn or layer in request.attn_graph:
         need |= {"q", "k"}
     if layer in request.keys:
         need.add("k")
@@ -233,7 +237,7 @@ class Batch:
     whose keys or received attention are made one by one, and the stacked row computations."""
 
     sinks: list[tuple[int, str, list]]
-    each: list[int]  # layers with keys or received attention
+    each: list[int]  # layers with keys, received attention or an attention graph
     groups: list[RowGroup]
     lists: list[list] = field(default_factory=list)  # the sinks alone
 
@@ -261,7 +265,7 @@ class Batch:
         sinks = [(layer, name, kept) for layer in layers for name, kept in hooks.sinks[layer]]
         return cls(
             sinks=sinks,
-            each=[layer for layer in layers if plan[layer].keys or plan[layer].received],
+            each=[layer for layer in layers if plan[layer].keys or plan[layer].received or plan[layer].graph],
             groups=list(groups.values()),
             lists=[kept for _, _, kept in sinks],
         )
@@ -313,7 +317,7 @@ class _Capture:
         ends, count, held = [], 0, 0
         for layer in self.order:
             plan = self.plan[layer]
-            if not (plan.rows or plan.received):
+            if not (plan.rows or plan.received or plan.graph):
                 continue
             count += plan.rows
             held += size * len(plan.wants)
@@ -357,6 +361,9 @@ class _Capture:
             if plan.received:
                 rows = received_attention(got["q"], got["k"], plan.heads, plan.scale)
                 self.out.received_attn[layer] = rows[:, self.skip :]
+            if plan.graph:  # over every encoder token (CLS kept, as in `keys`)
+                self.out.attn_graph[layer] = attention_graph_ref(
+                    got["q"], got["k"], plan.heads, plan.scale, mean_heads=self.request.attn_graph_heads == "mean")
         for group in batch.groups:
             self.flush(group)
         for kept in batch.lists:
@@ -394,3 +401,15 @@ def collect(layers: nn.ModuleList, request: Request):
     keep one `SignalHooks` per request instead: its plan is made once)."""
     with SignalHooks(layers, request).capture() as out:
         yield out
+
+
+def pad_graphs(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[len(rows), H, T, T] from per-image [H, T_i, T_i] graphs, zero-padded to the largest T_i (no
+    copy when they are the rows of one batch in order, see `stack_rows`)."""
+    if all(r.shape == rows[0].shape for r in rows):
+        return stack_rows(rows)
+    t = max(r.shape[-1] for r in rows)
+    out = rows[0].new_zeros(len(rows), rows[0].shape[0], t, t)
+    for i, r in enumerate(rows):
+        out[i, :, : r.shape[-1], : r.shape[-1]] = r
+    return out

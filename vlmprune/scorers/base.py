@@ -41,10 +41,14 @@ class Request:
     text_attn: tuple[int, ...] = ()  # decoder layers: attention rows from the prompt to the visual tokens
     text_query: str = "last"  # whose rows: the last prompt token's, or ("text") the text after the images
     transitions: tuple[int, ...] = ()  # decoder layers: how their attention and MLP change each token
+    attn_graph: tuple[int, ...] = ()  # encoder layers: the full softmax attention among the tokens (Zero-TPrune)
+    attn_graph_heads: str = "each"  # "each": one graph per head; "mean": the head-mean graph (H times smaller)
+    text_embeds: bool = False  # the prompt's text-token embeddings (instruction-conditioned methods: CDPruner)
 
     def merge(self, other: "Request") -> "Request":
         """Union of two requests (used when one forward serves several stages)."""
         uni = lambda a, b: tuple(sorted(set(a) | set(b)))  # noqa: E731
+        graph_heads = [r.attn_graph_heads for r in (self, other) if r.attn_graph]
         return Request(
             features=self.features or other.features,
             cls_attn=uni(self.cls_attn, other.cls_attn),
@@ -56,6 +60,9 @@ class Request:
             text_attn=uni(self.text_attn, other.text_attn),
             transitions=uni(self.transitions, other.transitions),
             text_query=self.text_query if self.text_attn else other.text_query,
+            attn_graph=uni(self.attn_graph, other.attn_graph),
+            attn_graph_heads="mean" if graph_heads and all(h == "mean" for h in graph_heads) else "each",
+            text_embeds=self.text_embeds or other.text_embeds,
         )
 
 
@@ -101,6 +108,19 @@ class Signals:
     (normed) input; `transition_sums[layer]` [I, 2] the sum over the image's row's attended tokens of
     exp(direction change), per module, as the layer ran."""
     transition_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_graph: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Encoder layer -> [I, H, T, T] float32: the layer's softmax attention among each image's tokens,
+    computed from its own q/k (query rows, key columns; every row of a valid token sums to 1), one
+    graph per head (H = 1: the head mean, `Request.attn_graph_heads="mean"`). ViT encoders: over all
+    T encoder tokens, the CLS token (if any) at 0 as in `keys`. Qwen-VL: over each item's LLM tokens
+    (T = N, padded with zero rows and columns): the attention of a merge group's patches to another
+    group's, summed over the key patches and averaged over the query patches, in the merger's order;
+    block-diagonal where the layer attends per frame or window."""
+    text_embeds: torch.Tensor | None = None
+    """[I, M, D]: for each image, the input embeddings of its prompt row's text tokens (the attended
+    non-visual tokens after the row's last visual token, in order), zero-padded; `text_counts[i]`
+    says how many of the M are real. Not handed over by the adapters yet (CDPruner's signal)."""
+    text_counts: tuple[int, ...] | None = None
 
     def image_grids(self) -> list[tuple[int, int]]:
         """Each image's (rows, columns) token grid: `grids`, or `grid` for every image."""
