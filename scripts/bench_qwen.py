@@ -6,20 +6,23 @@ Random weights, bf16, SDPA; timings are the shapes', the outputs mean nothing.
 
 For each input, batch size, method and prune ratio (kept = 25% / 10%):
 
-* unpatched: one prefill forward (vision encoder + decoder on every visual token);
-* encoder: `get_image_features` / `get_video_features` alone, unpatched, and patched (with the
-  method's signal taps: the attention each patch receives, for `cls`);
-* patched: one prefill forward of the patched model, the vision encoder INCLUDED;
+* unpatched: one prefill forward (vision tower + decoder on every visual token);
+* encoder alone: `get_image_features` / `get_video_features` of the unpatched model;
+* patched: one prefill forward of the patched model, the vision tower INCLUDED, split in place by
+  CUDA events recorded inside it (no sync): the vision tower (a forward hook on `visual`), the
+  signal tables (the adapter's encode returning; for `cls` the attention each patch receives),
+  scoring + selection (up to the adapter's pruned_inputs), `get_rope_index` on the unpruned prompt,
+  then assembly + decoder. "after vision" (all but the tower) is what compares with the oracle;
 * oracle: the unpatched model fed only the kept tokens: the pruned `input_ids` (k placeholders per
   item), the kept features precomputed (`mm_encoder_outputs`) and the unpruned M-RoPE ids gathered
   at the kept places as explicit 3-D `position_ids`; it pays no vision encoder and no pruning.
   These are exactly the kwargs the patched model hands HF's forward (captured from one patched
   call, then cloned), so the oracle's first-token logits must equal the patched model's;
-* patched - encoder: the patched prefill minus the unpatched encoder (median of per-repeat
-  differences; the encoder, oracle, patched and patched-encoder calls alternate within a repeat, so
-  drift hits them alike): compared with the oracle, it is what pruning costs on top of the ideal;
+* patched - encoder alone (median of per-repeat differences; encoder, oracle and patched calls
+  alternate within a repeat) is kept in the JSON too: at batch 8 the host-bound encoder's own noise
+  swamps it, hence the in-place split;
 * score + select: `run_scorer` (with `signals_for`) on the signals recorded by one patched encoder
-  call, alone, as a share of the pruned prefill (patched - encoder).
+  call, alone, as a share of the patched prefill after vision and of the oracle.
 
 Every time is the median over repeats after warm-up, each call between `torch.cuda.synchronize()`
 and timed with CUDA events (host clock on CPU).
@@ -58,23 +61,48 @@ def median(xs: list[float]) -> float:
 
 
 class Timer:
-    """Milliseconds of one call: synchronised, CUDA events around it (host clock on CPU)."""
+    """Milliseconds of one call: synchronised, CUDA events around it (host clock on CPU). Inside a
+    call, `mark(name)` records an event where the stream has got to (on CPU, the host clock), so a
+    call's time splits into stages without a sync inside it: `split` gives the stages' ms."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] | None = None
 
-    def __call__(self, fn: Callable[[], Any]) -> float:
+    def now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def mark(self, name: str) -> None:
+        if self.marks is not None:
+            self.marks.append((name, self.now()))
+
+    def split(self, fn: Callable[[], Any]) -> dict[str, float]:
+        """{"total": ms, "<mark>": ms from the previous mark (or the start) to this one, "end": ms
+        from the last mark to the end}."""
         if self.cuda:
             torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        self.marks = [("start", self.now())]
+        try:
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
+            self.marks.append(("end", self.now()))
+        finally:
+            marks, self.marks = self.marks, None
+        if self.cuda:
+            marks[-1][1].synchronize()
+        out = {"total": self.ms(marks[0][1], marks[-1][1])}
+        for (_, a), (name, b) in zip(marks, marks[1:]):
+            out[name] = out.get(name, 0.0) + self.ms(a, b)
+        return out
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        return self.split(fn)["total"]
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, attn: str):
@@ -115,21 +143,6 @@ def encoder_call(owner, inputs: dict[str, torch.Tensor], kind: str, plain: bool)
     return fn(pixels, inputs[f"{kind}_grid_thw"], return_dict=True)
 
 
-def capture_call(model) -> dict[str, Any]:
-    """Make the patched model's adapter record the kwargs of its pruned forward into the dict returned."""
-    adapter = model._vlmprune_adapter
-    seen: dict[str, Any] = {}
-    orig = adapter.pruned_inputs
-
-    def pruned_inputs(*args, **kwargs):
-        call, state = orig(*args, **kwargs)
-        seen["call"] = call
-        return call, state
-
-    adapter.pruned_inputs = pruned_inputs
-    return seen
-
-
 def oracle_from(call: dict[str, Any]) -> dict[str, Any]:
     """The oracle's inputs: the pruned prompt, its M-RoPE ids and the kept features, cloned."""
     mm = {kind: BaseModelOutputWithPooling(pooler_output=tuple(t.clone() for t in out.pooler_output))
@@ -138,46 +151,80 @@ def oracle_from(call: dict[str, Any]) -> dict[str, Any]:
                 position_ids=call["position_ids"].clone(), mm_encoder_outputs=mm)
 
 
+def instrument(adapter, timer: Timer) -> dict[str, Any]:
+    """Marks inside the patched prefill: "signals" when the adapter's encode returns (the encoder's
+    signal tables computed), "score_select" when its pruned_inputs starts (scoring, selection and the
+    layout done), "rope_index" when the unpruned prompt's M-RoPE ids are computed (`get_rope_index`,
+    which the oracle is handed); and the kwargs of the pruned forward, recorded into the dict returned."""
+    seen: dict[str, Any] = {}
+    encode, pruned_inputs = adapter.encode, adapter.pruned_inputs
+
+    def encode_marked(*args, **kwargs):
+        out = encode(*args, **kwargs)
+        timer.mark("signals")
+        return out
+
+    def pruned_inputs_marked(*args, **kwargs):
+        timer.mark("score_select")
+        call, state = pruned_inputs(*args, **kwargs)
+        seen["call"] = call
+        return call, state
+
+    full_positions = adapter.full_positions
+
+    def full_positions_marked(*args, **kwargs):
+        out = full_positions(*args, **kwargs)
+        timer.mark("rope_index")
+        return out
+
+    adapter.encode, adapter.pruned_inputs = encode_marked, pruned_inputs_marked
+    adapter.full_positions = full_positions_marked
+    return seen
+
+
+def med(splits: list[dict[str, float]], key: str) -> float:
+    return median([d.get(key, 0.0) for d in splits])
+
+
 def bench_one(model, inputs: dict[str, torch.Tensor], kind: str, batch: int, n: int, args, timer: Timer,
               out_rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
     owner = model.model
-    plain_forward = lambda **kw: type(model).forward(model, **kw)  # noqa: E731  (around any patch)
+    plain_forward = lambda **kw: type(model).forward(model, **kw)  # around any patch
     thw = inputs[f"{kind}_grid_thw"]
+    prefill = lambda: model(**inputs, logits_to_keep=1)
+    encoder = lambda: encoder_call(owner, inputs, kind, plain=True)
     with torch.no_grad():
-        # unpatched: whole prefill and encoder alone, alternating
+        # unpatched: whole prefill (split at the vision tower's end) and the encoder alone, alternating
         unp, enc = [], []
         for r in range(args.warmup + args.repeats):
-            e = timer(lambda: encoder_call(owner, inputs, kind, plain=True))
-            u = timer(lambda: model(**inputs, logits_to_keep=1))
+            e, u = timer(encoder), timer.split(prefill)
             if r >= args.warmup:
                 enc.append(e)
                 unp.append(u)
         full_len = inputs["input_ids"].shape[1]
-        print(f"# {kind} b{batch}: unpatched {median(unp):.1f} ms (encoder {median(enc):.1f}), "
-              f"prompt {full_len} tokens", flush=True)
+        print(f"# {kind} b{batch}: unpatched {med(unp, 'total'):.1f} ms (in place: vision {med(unp, 'vision'):.1f}, "
+              f"after {med(unp, 'end'):.1f}; encoder alone {median(enc):.1f}), prompt {full_len} tokens", flush=True)
         for method in args.methods:
             for ratio in args.ratios:
                 vlmprune.patch(model, method=method, prune_ratio=ratio)
                 adapter = model._vlmprune_adapter
-                seen = capture_call(model)
-                patched_out = model(**inputs, logits_to_keep=1)
+                seen = instrument(adapter, timer)
+                patched_out = prefill()
                 oracle = oracle_from(seen["call"])
                 pruned_len = oracle["input_ids"].shape[1]
                 kept = [int(t.shape[0]) for out in oracle["mm_encoder_outputs"].values() for t in out.pooler_output]
-                call_oracle = lambda: plain_forward(  # noqa: E731
+                call_oracle = lambda: plain_forward(
                     input_ids=oracle["input_ids"], attention_mask=oracle["attention_mask"],
                     position_ids=oracle["position_ids"], mm_encoder_outputs=dict(oracle["mm_encoder_outputs"]),
                     logits_to_keep=1)
                 oracle_out = call_oracle()
                 diff = (patched_out.logits.float() - oracle_out.logits.float()).abs().max().item()
                 del patched_out, oracle_out
-                e_plain, o, p, e_patched = [], [], [], []
+                e_plain, o, p = [], [], []
                 for r in range(args.warmup + args.repeats):
-                    t = (timer(lambda: encoder_call(owner, inputs, kind, plain=True)), timer(call_oracle),
-                         timer(lambda: model(**inputs, logits_to_keep=1)),
-                         timer(lambda: encoder_call(owner, inputs, kind, plain=False)))
+                    t = (timer(encoder), timer(call_oracle), timer.split(prefill))
                     if r >= args.warmup:
-                        for xs, x in zip((e_plain, o, p, e_patched), t):
+                        for xs, x in zip((e_plain, o, p), t):
                             xs.append(x)
                 # score + select alone, on the signals one patched encoder call recorded
                 feats = list(encoder_call(owner, inputs, kind, plain=False).pooler_output)
@@ -191,31 +238,41 @@ def bench_one(model, inputs: dict[str, torch.Tensor], kind: str, batch: int, n: 
                 for _ in range(3):
                     score()
                 sel = [timer(score) for _ in range(args.score_repeats)]
-                del feats
                 vlmprune.unpatch(model)
 
-                pruned = [a - b for a, b in zip(p, e_plain)]  # patched prefill minus the (unpatched) encoder
-                hooks = [a - b for a, b in zip(e_patched, e_plain)]
-                over = [a - b for a, b in zip(pruned, o)]
-                row = dict(
-                    input=kind, batch=batch, method=method, prune_ratio=ratio, n_visual=n, kept=kept[0],
-                    kept_pct=round(100 * kept[0] / n, 1), prompt_len=full_len, pruned_len=pruned_len,
-                    unpatched_ms=median(unp), unpatched_minus_encoder_ms=median(unp) - median(enc),
-                    encoder_ms=median(e_plain), encoder_patched_ms=median(e_patched), hooks_ms=median(hooks),
-                    patched_ms=median(p), patched_minus_encoder_ms=median(pruned), oracle_ms=median(o),
-                    ratio_vs_oracle=median(pruned) / median(o), overhead_vs_oracle_ms=median(over),
-                    patched_minus_patched_encoder_ms=median([a - b for a, b in zip(p, e_patched)]),
-                    score_select_ms=median(sel), score_select_min_ms=min(sel),
-                    score_select_pct_of_pruned_prefill=100 * median(sel) / median(pruned),
-                    max_abs_logit_diff_vs_oracle=diff,
-                    raw=dict(unpatched=unp, encoder_unpatched_alone=enc, encoder=e_plain, oracle=o, patched=p,
-                             encoder_patched=e_patched, score_select=sel),
-                )
+                after = [d["total"] - d["vision"] for d in p]  # the patched prefill after its vision tower, in place
+                rest = [d["total"] - d["vision"] - d["signals"] for d in p]  # ... less the signal tables
+                sub = [d["total"] - e for d, e in zip(p, e_plain)]  # patched prefill minus the encoder alone
+                row = {
+                    "input": kind, "batch": batch, "method": method, "prune_ratio": ratio, "n_visual": n,
+                    "kept": kept[0], "kept_pct": round(100 * kept[0] / n, 1), "prompt_len": full_len,
+                    "pruned_len": pruned_len,
+                    "unpatched_ms": med(unp, "total"), "unpatched_vision_ms": med(unp, "vision"),
+                    "unpatched_after_vision_ms": med(unp, "end"), "encoder_alone_ms": median(e_plain),
+                    "patched_ms": med(p, "total"), "patched_vision_ms": med(p, "vision"),
+                    "patched_signals_ms": med(p, "signals"), "patched_score_select_inplace_ms": med(p, "score_select"),
+                    "patched_rope_index_ms": med(p, "rope_index"), "patched_assemble_decoder_ms": med(p, "end"),
+                    "patched_after_vision_ms": median(after), "patched_after_signals_ms": median(rest),
+                    "patched_minus_encoder_alone_ms": median(sub), "oracle_ms": median(o),
+                    "ratio_vs_oracle": median(after) / median(o),
+                    "ratio_vs_oracle_without_signals": median(rest) / median(o),
+                    "ratio_vs_oracle_subtracted": median(sub) / median(o),
+                    "score_select_ms": median(sel), "score_select_min_ms": min(sel),
+                    "score_select_pct_of_pruned_prefill": 100 * median(sel) / median(after),
+                    "score_select_pct_of_oracle": 100 * median(sel) / median(o),
+                    "max_abs_logit_diff_vs_oracle": diff,
+                    "raw": {"unpatched": unp, "encoder_alone_unpatched_loop": enc, "encoder_alone": e_plain,
+                            "oracle": o, "patched": p, "score_select": sel},
+                }
                 out_rows.append(row)
-                print(f"# {kind} b{batch} {method} {row['kept_pct']}%: patched {row['patched_ms']:.1f} "
-                      f"(-enc {row['patched_minus_encoder_ms']:.1f}) oracle {row['oracle_ms']:.1f} "
-                      f"ratio {row['ratio_vs_oracle']:.3f} score+select {row['score_select_ms']:.3f} ms "
-                      f"({row['score_select_pct_of_pruned_prefill']:.2f}%) logit diff {diff:g}", flush=True)
+                print(f"# {kind} b{batch} {method} {row['kept_pct']}%: patched {row['patched_ms']:.1f} (vision "
+                      f"{row['patched_vision_ms']:.1f}, signals {row['patched_signals_ms']:.1f}, score+select "
+                      f"{row['patched_score_select_inplace_ms']:.1f}, rope index {row['patched_rope_index_ms']:.1f}, "
+                      f"rest {row['patched_assemble_decoder_ms']:.1f}) "
+                      f"oracle {row['oracle_ms']:.1f} ratio {row['ratio_vs_oracle']:.3f} "
+                      f"(w/o signals {row['ratio_vs_oracle_without_signals']:.3f}); score+select alone "
+                      f"{row['score_select_ms']:.3f} ms ({row['score_select_pct_of_pruned_prefill']:.2f}%); "
+                      f"logit diff {diff:g}", flush=True)
                 save()
 
 
@@ -224,17 +281,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     for kind in dict.fromkeys(r["input"] for r in rows):
         sub = [r for r in rows if r["input"] == kind]
         lines += ["", f"**{LABELS.get(kind, kind)}** ({sub[0]['n_visual']} visual tokens per row)", "",
-                  "| batch | method | kept | prefill len | unpatched ms (decoder part) | encoder ms (patched) "
-                  "| patched ms | patched − encoder ms | oracle ms | (patched − encoder) / oracle "
-                  "| score + select ms | % of pruned prefill | logit diff vs oracle |",
+                  ("| batch | method | kept | prefill len | unpatched ms: total / after vision | encoder alone ms "
+                   "| patched ms: total / after vision | of which signals / score + select / rope index | oracle ms "
+                   "| patched after vision / oracle (w/o signals) | score + select alone ms | % of patched after vision (of oracle) "
+                   "| logit diff vs oracle |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             lines.append(
                 f"| {r['batch']} | `{r['method']}` | {r['kept_pct']:g}% ({r['kept']}) | {r['pruned_len']} / {r['prompt_len']} "
-                f"| {r['unpatched_ms']:.1f} ({r['unpatched_minus_encoder_ms']:.1f}) "
-                f"| {r['encoder_ms']:.1f} ({r['encoder_patched_ms']:.1f}) | {r['patched_ms']:.1f} "
-                f"| {r['patched_minus_encoder_ms']:.1f} | {r['oracle_ms']:.1f} | {r['ratio_vs_oracle']:.3f} "
+                f"| {r['unpatched_ms']:.1f} / {r['unpatched_after_vision_ms']:.1f} | {r['encoder_alone_ms']:.1f} "
+                f"| {r['patched_ms']:.1f} / {r['patched_after_vision_ms']:.1f} "
+                f"| {r['patched_signals_ms']:.1f} / {r['patched_score_select_inplace_ms']:.1f} / {r.get('patched_rope_index_ms', 0):.1f} "
+                f"| {r['oracle_ms']:.1f} "
+                f"| {r['ratio_vs_oracle']:.3f} ({r['ratio_vs_oracle_without_signals']:.3f}) "
                 f"| {r['score_select_ms']:.3f} | {r['score_select_pct_of_pruned_prefill']:.2f}% "
+                f"({r.get('score_select_pct_of_oracle', float('nan')):.2f}%) "
                 f"| {r['max_abs_logit_diff_vs_oracle']:g} |")
     return "\n".join(lines)
 
@@ -253,7 +314,12 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--dtype", default=None, help="bf16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--out", default="bench_qwen.json")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a saved run and exit")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)["rows"]))
+        return
     args.methods = args.methods.split(",")
     args.ratios = [float(x) for x in args.ratios.split(",")]
     device = torch.device(args.device)
@@ -280,8 +346,9 @@ def main() -> None:
                repeats=args.repeats, warmup=args.warmup)
     print(f"# {env['model']}: {params / 1e9:.2f} B params, built in {build_s:.1f} s on {env['device']}; "
           f"torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}", flush=True)
+    model.model.visual.register_forward_hook(lambda *_: timer.mark("vision"))  # the vision tower's end, in place
     rows: list[dict[str, Any]] = []
-    save = lambda: json.dump(dict(env=env, rows=rows), open(args.out, "w"), indent=1)  # noqa: E731
+    save = lambda: json.dump(dict(env=env, rows=rows), open(args.out, "w"), indent=1)
     shapes = TINY_SHAPES if args.tiny else SHAPES
     for name in args.inputs.split(","):
         kind, grid = shapes[name]

@@ -35,7 +35,8 @@ from torch import nn
 from vlmprune.adapters.base import (
     Adapter, DecodeState, Encoded, Prompt, find_cache, kept_rows, register_adapter, stack_padded,
 )
-from vlmprune.adapters.vit import Tap, detached, pad_graphs, received_attention
+from vlmprune.adapters.vit import Tap, detached, pad_graphs
+from vlmprune.kernels.received import received_attention
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
 from vlmprune.kernels.graph import attention_graph_ref

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlmprune.kernels.graph import attention_graph_ref
+from vlmprune.kernels.received import received_attention
 from vlmprune.kernels.rows import attention_rows
 from vlmprune.scorers.base import Request, RowTable, stack_rows
 
@@ -39,19 +40,6 @@ def attn_geometry(attn: nn.Module) -> tuple[int, int, float]:
     head_dim = getattr(attn, "head_dim", None) or attn.q_proj.out_features // heads
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None) or head_dim**-0.5
     return heads, head_dim, scale
-
-
-def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, chunk: int = 1024) -> torch.Tensor:
-    """Head- and query-mean softmax attention each token receives: q, k [I, T, D] -> [I, T]
-    float32. Queries go in chunks so the full T x T map never exists at once."""
-    i, t, _ = q.shape
-    qh = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # [I, H, T, d]
-    kh = k.unflatten(-1, (heads, -1)).transpose(1, 2)
-    total = torch.zeros(i, t, dtype=torch.float32, device=q.device)
-    for s in range(0, t, chunk):
-        logits = torch.matmul(qh[:, :, s : s + chunk], kh.transpose(2, 3)) * scale
-        total += torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=(1, 2))
-    return total / (heads * t)
 
 
 @dataclass
