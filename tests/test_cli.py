@@ -327,3 +327,122 @@ def test_plot_leaves_out_the_time_panel_without_timings(tmp_path):
     plot_sweep([dict(r, prefill_ms=None) for r in rows], tmp_path / "one.png")
     two, one = Image.open(tmp_path / "two.png"), Image.open(tmp_path / "one.png")
     assert two.size[1] == one.size[1] and one.size[0] < 0.6 * two.size[0]
+
+
+# --- Qwen-VL: the shipped shapes-qwen2-vl (144 tokens of 28 x 28 px per 336 px image) and qwen2-vl-tiny
+@pytest.fixture(scope="module")
+def qwen():
+    return load_vlm("shapes-qwen2-vl", "cpu")
+
+
+def test_default_keeps_are_fractions_of_the_model_s_tokens():
+    from vlmprune.eval.sweep import default_keeps
+
+    assert default_keeps(576) == [576, 192, 128, 64] and default_keeps(144) == [144, 48, 32, 16]
+
+
+def test_show_on_qwen_draws_the_image_s_own_token_grid(tmp_path, qwen):
+    """A 504 x 224 px image is kept at its size by the processor (504 x 224 = 336^2, its min = max
+    pixels): 8 x 18 tokens of 28 x 28 px (a square grid would be 12 x 12); each block is the
+    image's own colours where the token was kept, dimmed elsewhere."""
+    colours = torch.randint(0, 256, (8, 18, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    arr = colours.repeat_interleave(28, 0).repeat_interleave(28, 1).numpy()
+    src = tmp_path / "wide.png"
+    Image.fromarray(arr).save(src)
+    res = invoke("show", src, "--model", "shapes-qwen2-vl", "--method", "cls", "--keep", 36, "--device", "cpu",
+                 "-o", tmp_path / "out.png")
+    assert res.exit_code == 0, res.output
+    assert "kept 36 of 144 visual tokens (8x18 grid of 28x28 px blocks" in " ".join(res.output.split())
+    inputs = qwen.inputs([Image.open(src)], ["Describe the image."])
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 36]]
+    with vlmprune.pruning(qwen.model, "cls", keep=36), torch.no_grad():
+        qwen.model(**inputs)
+        kept = set(vlmprune.last_selection(qwen.model)[0][0].tolist())
+    got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
+    assert got.shape == arr.shape and len(kept) == 36
+    dimmed = (arr.astype(np.float64) * DIM).round().astype(np.uint8)
+    for i in range(144):
+        r, c = divmod(i, 18)
+        block = (slice(28 * r, 28 * r + 28), slice(28 * c, 28 * c + 28))
+        assert np.array_equal(got[block], (arr if i in kept else dimmed)[block]), (i, i in kept)
+
+
+def test_sweep_on_qwen_skips_flowcut_and_draws_overlays(tmp_path, qwen):
+    """flowcut (needs a CLS token) is reported with its one-line reason and skipped; the other
+    cells count Qwen's 144 tokens per image; the unpruned answers are the trainer's `predict`
+    answers; each overlay tile is `show`'s picture."""
+    from vlmprune.eval import shapes, train_tiny
+    from vlmprune.eval.visualise import CAPTION_PX, kept_overlay
+
+    out = tmp_path / "qwen"
+    res = invoke("sweep", "--model", "shapes-qwen2-vl", "--methods", "cls,flowcut,uniform", "--keep", "144,36",
+                 "--limit", 3, "--batch-size", 2, "--max-new-tokens", 3, "--device", "cpu", "--out", out,
+                 "--overlays", 1)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["cells"]) == ["unpruned", "cls@keep=144", "cls@keep=36", "uniform@keep=144", "uniform@keep=36"]
+    reason = results["unsupported"]["flowcut"]
+    assert "CLS" in reason and "does not run on Qwen2VLForConditionalGeneration" in reason
+    assert f"skipped flowcut: {reason}" in " ".join(res.output.split())
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [int(r["visual_tokens"]) for r in rows] == [144, 144, 36, 144, 36]
+    cells = results["cells"]
+    ref = cells["unpruned"]["items"]
+    for key in ("cls@keep=36", "uniform@keep=36"):
+        assert [r["visual_tokens"] for r in cells[key]["items"]] == [[36]] * 3
+        assert [r["prefill_tokens"] for r in cells[key]["items"]] == [r["prefill_tokens"] - 108 for r in ref]
+    for key in ("cls@keep=144", "uniform@keep=144"):
+        assert [(r["kl"], r["agree"]) for r in cells[key]["items"]] == [(0.0, 1.0)] * 3
+    items = [shapes.make_item(s) for s in shapes.split_seeds("test", 3)]
+    assert [r["prediction"] for r in ref] == train_tiny.predict(qwen.model, qwen.processor, items, max_new_tokens=3)
+    grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
+    assert grid.shape == (336 + CAPTION_PX, 3 * 336, 3)  # image, cls, uniform (no flowcut)
+    for col, method in enumerate(["cls", "uniform"], start=1):
+        want = np.asarray(kept_overlay(qwen, items[0].image, method, items[0].question, keep=36)[0])
+        assert np.array_equal(grid[CAPTION_PX:, col * 336:(col + 1) * 336], want), method
+
+
+def test_bench_qwen_rows_and_oracle(tmp_path):
+    """qwen2-vl-tiny (576 tokens per 672 px image): patched and oracle prefill the same length and
+    hold the same KV cache, with the same first-token logits."""
+    out = tmp_path / "bench.json"
+    res = invoke("bench", "--model", "qwen2-vl-tiny", "--batch-sizes", 2, "--keep", "576,40", "--repeats", 1,
+                 "--warmup", 0, "--new-tokens", 2, "--device", "cpu", "--dtype", "fp32", "--out", out)
+    assert res.exit_code == 0, res.output
+    results = json.loads(out.read_text())
+    assert results["n_visual"] == N
+    rows = {(r["keep"], r["variant"]): r for r in results["rows"]}
+    base, pat, ora = rows[(N, "unpatched")], rows[(40, "patched")], rows[(40, "oracle")]
+    assert pat["prefill_len"] == ora["prefill_len"] == base["prefill_len"] - (N - 40)
+    assert pat["kv_cache_mib"] == ora["kv_cache_mib"]
+    assert pat["kv_cache_mib"] / base["kv_cache_mib"] == pytest.approx(pat["prefill_len"] / base["prefill_len"])
+    assert pat["decoder_tflops"] == ora["decoder_tflops"] < base["decoder_tflops"]
+    for keep in (N, 40):
+        assert rows[(keep, "patched")]["oracle_max_abs_logit_diff"] <= 1e-5
+        assert rows[(keep, "patched")]["oracle_argmax_agree"] == 1.0
+
+
+def test_qwen_oracle_is_the_unpatched_model_on_the_kept_tokens():
+    """`bench.oracle_inputs` for Qwen: each image's run cut to its kept tokens (rows left-padded),
+    their unpruned M-RoPE ids; generate() on it gives the patched model's logits at every step.
+    The ids are what make it so: the same tokens at the positions HF would give them differ."""
+    from vlmprune.eval.bench import oracle_inputs
+
+    vlm = load_vlm("qwen2-vl-tiny", "cpu")
+    items = random_images(2, vlm.image_size).items()
+    inputs = vlm.inputs([it.image for it in items], ["Describe the image.", "What is in the picture, on the left?"])
+    assert inputs["attention_mask"][0, 0] == 0  # left padding in row 0
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with vlmprune.pruning(vlm.model, "kcenter", keep=40), torch.no_grad():
+        patched = vlm.model.generate(**inputs, **gen)
+        selection = vlmprune.last_selection(vlm.model)
+    oracle = oracle_inputs(vlm, inputs, selection)
+    assert (oracle["input_ids"] == vlm.image_token_id).sum(1).tolist() == [40, 40]
+    assert oracle["position_ids"].shape == (3, *oracle["input_ids"].shape)
+    with torch.no_grad():
+        direct = vlm.model.generate(**oracle, **gen)
+        renumbered = vlm.model.generate(**{k: v for k, v in oracle.items() if k != "position_ids"}, **gen)
+    assert torch.equal(patched.sequences[:, -4:], direct.sequences[:, -4:])
+    for a, b in zip(patched.logits, direct.logits):
+        assert (a - b).abs().max() <= 1e-5
+    assert (patched.logits[0] - renumbered.logits[0]).abs().max() > 1e-3

@@ -2,7 +2,9 @@
 own CLI runs the shapes task on a random-weight LLaVA saved to disk (576 visual tokens per image,
 cls keep=16), in one process and then in two data-parallel processes. The answers it logs are
 those of the model patched directly with vlmprune; the prompt lengths it logs are the pruned ones;
-the accuracy is recomputed from the samples. Skipped when lmms-eval is not installed."""
+the accuracy is recomputed from the samples. The shipped Qwen2-VL model (`pretrained=shapes-qwen2-vl`,
+144 tokens per image) runs the same way, and Qwen processors take `min_pixels` / `max_pixels`.
+Skipped when lmms-eval is not installed."""
 
 from __future__ import annotations
 
@@ -58,11 +60,12 @@ def direct(loaded):
     return {"items": items, "unpatched": unpatched, "patched": patched}
 
 
-def lmms_eval_cli(model_dir: Path, out: Path, launcher: list[str]) -> tuple[str, dict, list[dict]]:
+def lmms_eval_cli(model_dir: Path | str, out: Path, launcher: list[str],
+                  keep: int = KEEP) -> tuple[str, dict, list[dict]]:
     """Run lmms-eval's CLI on the shapes task offline; (its output, results.json, samples by doc)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "HF_DATASETS_CACHE": str(out / "datasets-cache")}
-    model_args = f"pretrained={model_dir},method=cls,keep={KEEP},batch_size=2,device=cpu"
+    model_args = f"pretrained={model_dir},method=cls,keep={keep},batch_size=2,device=cpu"
     args = ["--model", "vlmprune", "--model_args", model_args, "--tasks", "vlmprune_shapes",
             "--include_path", lmms.task_path(), "--limit", str(LIMIT), "--output_path", str(out), "--log_samples"]
     proc = subprocess.run([*launcher, "-m", "lmms_eval", *args], env=env, capture_output=True, text=True, timeout=300)
@@ -207,3 +210,80 @@ def test_model_args_are_checked_before_loading():
         VLMPrune(pretrained="not-loaded", method="cls")
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 'auto'"):
         VLMPrune(pretrained="not-loaded", batch_size="auto")
+
+
+# --- Qwen2-VL: the shipped shapes-qwen2-vl -----------------------------------------------------------
+QWEN_KEEP = 36
+QWEN_VISUAL = 144
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from vlmprune.eval.sweep import load_vlm
+
+    return load_vlm("shapes-qwen2-vl", "cpu")
+
+
+def test_cli_runs_shapes_qwen2_vl(qwen, tmp_path):
+    """`pretrained=shapes-qwen2-vl,method=cls,keep=36` through lmms-eval's CLI: the answers of the
+    model patched by hand, the pruned prompt lengths, the plugin's count of kept tokens."""
+    log, results, samples = lmms_eval_cli("shapes-qwen2-vl", tmp_path, [sys.executable], keep=QWEN_KEEP)
+    items = [shapes.make_item(seed) for seed in shapes.split_seeds("test", LIMIT)]
+    with vlmprune.pruning(qwen.model, "cls", keep=QWEN_KEEP):
+        patched = train_tiny.predict(qwen.model, qwen.processor, items, batch_size=1, max_new_tokens=8)
+    assert [s["filtered_resps"] for s in samples] == patched
+    fam = train_tiny.get_family("qwen2_vl")
+    pruned = [len(train_tiny.prompt_ids(qwen.processor.tokenizer, it.question, fam)) - (QWEN_VISUAL - QWEN_KEEP)
+              for it in items]
+    assert [s["token_counts"][0]["input_tokens"] for s in samples] == pruned
+    assert f"kept {QWEN_KEEP} of {QWEN_VISUAL} visual tokens per image over {LIMIT} images" in log
+    hits = [float(shapes.score(s["filtered_resps"], s["target"])) for s in samples]
+    assert results["results"]["vlmprune_shapes"]["accuracy,none"] == sum(hits) / LIMIT
+
+
+def test_qwen_min_max_pixels_set_the_tokens_per_image(qwen):
+    """min_pixels = max_pixels = 224^2: each 336 px image becomes 224 x 224 px, 8 x 8 = 64 tokens
+    (not 144); generate_until answers as the model patched by hand with the processor loaded with
+    the same bounds, and counts the pruned prompt."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from vlmprune.eval.qwen import load_processor, set_pixels
+    from vlmprune.eval.sweep import embedded_path
+
+    px = 224 * 224
+    lm = get_model("vlmprune").create_from_arg_string(
+        f"pretrained=shapes-qwen2-vl,min_pixels={px},max_pixels={px},method=cls,keep=16",
+        {"batch_size": 2, "device": "cpu"})
+    size = lm.processor.image_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (px, px)
+    rows = lmms.shapes_rows(3)
+    lm.task_dict = {"shapes": {"test": rows}}
+    requests = [Instance("generate_until", (r["question"], {"max_new_tokens": 4}, lmms.shapes_doc_to_visual, i,
+                                            "shapes", "test"), i, {"task": "shapes", "doc_id": i, "repeats": 1})
+                for i, r in enumerate(rows)]
+    got = lm.generate_until(requests)
+    processor = load_processor(embedded_path("shapes-qwen2-vl"))
+    set_pixels(processor, px, px)
+    items = [shapes.make_item(r["seed"]) for r in rows]
+    inputs = processor(images=[items[0].image], text=["<|image_pad|>"], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    assert int((inputs["input_ids"] == qwen.image_token_id).sum()) == 64
+    with vlmprune.pruning(qwen.model, "cls", keep=16):
+        direct = train_tiny.predict(qwen.model, processor, items, batch_size=1, max_new_tokens=4)
+    assert [g.text for g in got] == direct
+    fam = train_tiny.get_family("qwen2_vl")
+    prompt = [len(train_tiny.prompt_ids(processor.tokenizer, it.question, fam)) - 144 + 64 for it in items]
+    assert [g.token_counts.input_tokens for g in got] == [n - (64 - 16) for n in prompt]
+    assert lm.visual_tokens == 3 * 64 and lm.kept_tokens == 3 * 16
+
+
+def test_min_max_pixels_are_refused_where_they_do_not_apply(model_dir):
+    from vlmprune.eval.lmms_plugin import VLMPrune
+
+    with pytest.raises(ValueError, match="min_pixels / max_pixels apply to Qwen-VL processors"):
+        VLMPrune(pretrained=str(model_dir), max_pixels=224 * 224, device="cpu")
+    with pytest.raises(ValueError, match="min_pixels must be a positive int, got 'many'"):
+        VLMPrune(pretrained="shapes-qwen2-vl", min_pixels="many", device="cpu")
+    with pytest.raises(ValueError, match="min_pixels 200704 > max_pixels 112896"):
+        VLMPrune(pretrained="shapes-qwen2-vl", min_pixels=448 * 448, device="cpu")

@@ -1,7 +1,7 @@
 """The tiny-model trainer on CPU, for both families (`--family llava` / `qwen2_vl`).
 
 End to end: quick mode builds, trains a few steps, saves, and the saved directory reloads offline
-with `from_pretrained` + `AutoProcessor`; the processor expands one image to the family's visual
+with `from_pretrained` + `AutoProcessor` (`qwen.load_processor`); the processor expands one image to the family's visual
 tokens (576 / 144) and the tokenizer maps every benchmark answer to one token. Oracles for the
 training code's own paths: its GPU-side pixel_values equal the processor's, its vision + decoder
 forward equals the model's forward (Qwen2-VL: batched tower, M-RoPE positions equal
@@ -34,12 +34,17 @@ EXPECT = {
 
 
 def needs_family(name: str) -> None:
-    """Skip Qwen2-VL where transformers cannot build its processor (5.23 needs torchvision for it)."""
+    """Skip Qwen2-VL where a torchvision is installed but does not import (built for another torch):
+    transformers then tries its torchvision image processor. Without torchvision at all the family
+    builds and reloads its processor for images only (PIL backend; `vlmprune.eval.qwen`)."""
     if name == "qwen2_vl":
-        try:
-            import torchvision  # noqa: F401
-        except Exception as e:  # ImportError, or a torchvision built for another torch
-            pytest.skip(f"Qwen2VLProcessor needs a working torchvision: {e}")
+        from transformers.utils import is_torchvision_available
+
+        if is_torchvision_available():
+            try:
+                import torchvision  # noqa: F401
+            except Exception as e:  # a torchvision built for another torch
+                pytest.skip(f"torchvision is installed but does not import: {e}")
 
 
 def _train(tmp_path_factory, name: str):
@@ -50,14 +55,14 @@ def _train(tmp_path_factory, name: str):
 
 
 def _load(path, name: str):
-    from transformers import AutoProcessor
+    from vlmprune.eval.qwen import load_processor
 
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         model = train_tiny.get_family(name).model_class().from_pretrained(path, local_files_only=True,
                                                                           dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = load_processor(path, local_files_only=True)  # AutoProcessor (images only without torchvision)
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)

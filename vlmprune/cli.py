@@ -22,8 +22,9 @@ app = typer.Typer(
     help="Prune visual tokens of Hugging Face vision-language models: demo, sweeps, overlays, benchmarks.",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
-MODEL_HELP = ("'shapes-llava' (embedded, trained on the shapes benchmark), 'shapes-qwen2-vl', 'tiny' (random, "
-              "576 visual tokens), 'llava-7b-shapes' (random 7B weights), or a path / hub id")
+MODEL_HELP = ("'shapes-llava' / 'shapes-qwen2-vl' (embedded, trained on the shapes benchmark), 'tiny' / "
+              "'qwen2-vl-tiny' (random, 576 visual tokens), 'llava-7b-shapes' / 'qwen2.5-vl-7b-shapes' (random 7B "
+              "weights), or a path / hub id")
 
 
 def friendly(fn: Callable) -> Callable:
@@ -128,7 +129,9 @@ def demo(
 def sweep(
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated methods"),
-    keep: Optional[str] = typer.Option(None, help="comma-separated visual tokens kept per image [576,192,128,64]"),
+    keep: Optional[str] = typer.Option(None, help="comma-separated visual tokens kept per image [all, 1/3, 2/9, 1/9 of "
+                                                  "the model's: 576,192,128,64 for LLaVA-1.5, 144,48,32,16 for "
+                                                  "shapes-qwen2-vl]"),
     prune_ratio: Optional[str] = typer.Option(None, help="comma-separated fractions removed, instead of --keep"),
     data: Optional[str] = typer.Option(None, help="JSONL of {image, question, answer?}, or 'shapes[:DIR]'; default: "
                                                   "'shapes' for an embedded model, else random images (fidelity)"),
@@ -154,7 +157,7 @@ def sweep(
     if keep is not None and ratios is not None:
         raise ValueError("give --keep or --prune-ratio, not both")
     keeps = parse_list(keep, "--keep", int) if ratios is None else None
-    spec = SweepSpec(model=model, methods=method_list, keeps=keeps or ([576, 192, 128, 64] if ratios is None else None),
+    spec = SweepSpec(model=model, methods=method_list, keeps=keeps,
                      ratios=ratios, data=data if data is not None else default_data(model), limit=limit,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, out=str(out), device=device, dtype=dtype,
                      attn=attn, overlays=overlays)
@@ -167,6 +170,8 @@ def sweep(
         "metric": metric, "kl": "first-token KL", **({} if metric == "agreement" else {"agreement": "agreement"}),
         "prefill_tokens": "prefill tokens",
         "prefill_ms": "prefill ms", "ttft_ms": "TTFT ms", "items": "items", "errors": "errors"})
+    for name, reason in results.get("unsupported", {}).items():
+        console.print(f"skipped {name}: {reason}")
     run = results["last_run"]
     console.print(f"ran {len(run['ran'])} cells, skipped {len(run['skipped'])} finished; wrote {out}/results.csv, "
                   f"{out}/results.json, {out}/accuracy_vs_tokens.png" + (f", {out}/overlays.png" if overlays > 0 else ""))
@@ -202,7 +207,10 @@ def show(
     picture_out, kept = kept_overlay(vlm, picture, method, prompt, **amount)
     output.parent.mkdir(parents=True, exist_ok=True)
     picture_out.save(output)
-    console.print(f"{method}: kept {len(kept)} of {vlm.n_visual} visual tokens; wrote {output}")
+    inputs = vlm.inputs([picture], [prompt])
+    (rows, cols), (n,) = vlm.token_grid(inputs), vlm.visual_counts(inputs)[0]
+    console.print(f"{method}: kept {len(kept)} of {n} visual tokens ({rows}x{cols} grid of "
+                  f"{picture_out.width // cols}x{picture_out.height // rows} px blocks as drawn); wrote {output}")
 
 
 @app.command()

@@ -5,6 +5,15 @@ tokens per image and the image features precomputed (`mm_encoder_outputs`), so i
 encoder and no pruning. Patched should match its prefill time (the pruning's own cost is the gap)
 and its first-token logits (up to kernel-level rounding).
 
+Qwen-VL (M-RoPE): no `image_grid_thw` describes k kept tokens of an image in general (k need not
+be a t x h x w grid), and the model would compute their 3-D rope ids from such a grid. So the
+oracle gets no grid and explicit `position_ids` [3, B, L]: the unpruned prompt's `get_rope_index`
+ids gathered at the kept tokens (each text token's own ids, each kept visual token its place in
+the full grid), padding at 1 as `get_rope_index` pads. That is the family's `positions="original"`
+rule (DESIGN §2), the unpatched model's answer to "these tokens at these places". `generate()`
+continues explicit ids at the last one + 1 in all three sections; the prompt ends in text, whose
+ids are the largest, so decoding runs at the ids the unpruned model would use.
+
 Timings per `generate()` call (see `fidelity.greedy`): prefill = the first model forward (decoder
 prefill, with pruning when patched; images are encoded by generate() just before it); TTFT =
 generate() start to the end of that forward (image encoding included; for the oracle, the
@@ -68,42 +77,68 @@ def decoder_flops(model: torch.nn.Module, lengths: list[int]) -> float:
 
 
 def oracle_inputs(vlm: VLM, inputs: dict[str, torch.Tensor], selection: list[list[torch.Tensor]]) -> dict[str, Any]:
-    """The unpatched model's inputs for the oracle: each image's token run shortened to its kept
-    count, and its kept features (computed unpatched) passed as `mm_encoder_outputs`."""
-    model, token, n = vlm.model, vlm.image_token_id, vlm.n_visual
+    """The unpatched model's inputs for the oracle: each image's token run cut to its kept tokens
+    (kept places, ascending), its kept features (computed unpatched) passed as `mm_encoder_outputs`;
+    for Qwen-VL also the unpruned M-RoPE ids of the kept places as `position_ids` (module doc)."""
+    token = vlm.image_token_id
     with torch.no_grad():
-        feats = list(model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output)
+        feats = list(vlm.image_features(inputs).pooler_output)
     chosen = [s.to(feats[0].device) for row in selection for s in row]
-    rows = []
-    for ids, mask, row in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(), selection):
-        ids = [t for t, m in zip(ids, mask) if m]
-        drop = [n - len(s) for s in row]  # image tokens to remove, per image in this row
-        out, img, run = [], 0, 0
-        for t in ids:
-            if t == token:
-                run += 1
-                if run > drop[img]:
-                    out.append(t)
-                if run == n:
-                    img, run = img + 1, 0
+    counts = vlm.visual_counts(inputs)
+    columns = []  # per row: the columns of `inputs` the oracle keeps
+    all_ids, all_mask = inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
+    for ids, mask, sizes, row in zip(all_ids, all_mask, counts, selection):
+        cols, img, run, keep = [], 0, 0, set()
+        for j, (t, m) in enumerate(zip(ids, mask)):
+            if not m:
                 continue
-            out.append(t)
-        rows.append(out)
+            if t != token:
+                cols.append(j)
+                continue
+            if run == 0:
+                keep = set(row[img].tolist())
+            if run in keep:
+                cols.append(j)
+            run += 1
+            if run == sizes[img]:
+                img, run = img + 1, 0
+        columns.append(cols)
     pad = getattr(getattr(vlm, "processor", None), "tokenizer", None)
-    new_ids, new_mask = left_pad(rows, pad=pad.pad_token_id if pad is not None else PAD)
+    pad_id = pad.pad_token_id if pad is not None else PAD
+    rows = [[ids[j] for j in cols] for ids, cols in zip(all_ids, columns)]
+    new_ids, new_mask = left_pad(rows, pad=pad_id)
     encoded = BaseModelOutputWithPooling(pooler_output=[f[s] for f, s in zip(feats, chosen)])
-    return {"input_ids": new_ids.to(vlm.device), "attention_mask": new_mask.to(vlm.device),
-            "mm_encoder_outputs": {"image": encoded}}
+    out = {"input_ids": new_ids.to(vlm.device), "attention_mask": new_mask.to(vlm.device),
+           "mm_encoder_outputs": {"image": encoded}}
+    if inputs.get("image_grid_thw") is not None:
+        full = rope_index(vlm, inputs)
+        width = new_ids.shape[1]
+        pos = torch.ones(3, len(rows), width, dtype=full.dtype, device=full.device)
+        for b, cols in enumerate(columns):
+            pos[:, b, width - len(cols):] = full[:, b, cols]
+        out["position_ids"] = pos
+    return out
 
 
-def vision_seconds(vlm: VLM, pixel_values: torch.Tensor, repeats: int, warmup: int) -> float:
+def rope_index(vlm: VLM, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[3, B, L] M-RoPE ids of the unpruned prompt (the model's `get_rope_index`)."""
+    ids = inputs["input_ids"]
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        types = (ids == vlm.image_token_id).int()
+    pos, _ = vlm.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=inputs["image_grid_thw"],
+                                            attention_mask=inputs.get("attention_mask"))
+    return pos
+
+
+def vision_seconds(vlm: VLM, inputs: dict[str, torch.Tensor], repeats: int, warmup: int) -> float:
     """Median time to encode the images (vision tower + projector), unpatched."""
     clock = Clock(vlm.device)
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
             start = clock.mark()
-            vlm.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            vlm.image_features(inputs)
             end = clock.mark()
             if i >= warmup:
                 times.append(clock.seconds(start, end))
@@ -151,11 +186,11 @@ def run_bench(spec: BenchSpec, vlm: VLM | None = None, advance: Callable[[str], 
     if vlm.device.type == "cuda":
         results["weights_gib"] = torch.cuda.memory_allocated(vlm.device) / 2**30
     images = random_images(max(spec.batch_sizes), vlm.image_size).items()
-    n = vlm.n_visual
+    n = vlm.n_visual  # every benchmark image is image_size x image_size: n visual tokens each
     warm_up(vlm, vlm.inputs([images[0].image], [DEFAULT_PROMPT]), spec)
     for b in spec.batch_sizes:
         inputs = vlm.inputs([it.image for it in images[:b]], [DEFAULT_PROMPT] * b)
-        vision_ms = 1e3 * vision_seconds(vlm, inputs["pixel_values"], spec.repeats, spec.warmup)
+        vision_ms = 1e3 * vision_seconds(vlm, inputs, spec.repeats, spec.warmup)
         base, _ = measure(vlm.model, inputs, spec.repeats, spec.warmup, spec.new_tokens)
 
         def add(variant: str, keep: int, m: dict[str, Any], lengths: list[int], **extra: Any) -> None:
@@ -174,7 +209,8 @@ def run_bench(spec: BenchSpec, vlm: VLM | None = None, advance: Callable[[str], 
             oracle, ogen = measure(vlm.model, oracle_inputs(vlm, inputs, selection), spec.repeats, spec.warmup,
                                    spec.new_tokens)
             oracle["ttft_ms"] += vision_ms  # the oracle got its features precomputed
-            lengths = row_lengths(inputs, [sum(n - len(s) for s in row) for row in selection])
+            lengths = row_lengths(inputs, [sum(c - len(s) for c, s in zip(counts, row))
+                                           for counts, row in zip(vlm.visual_counts(inputs), selection)])
             add("patched", keep, patched, lengths,
                 oracle_max_abs_logit_diff=(gen.first_logits - ogen.first_logits).abs().max().item(),
                 oracle_argmax_agree=(gen.first_logits.argmax(-1) == ogen.first_logits.argmax(-1)).float().mean().item())

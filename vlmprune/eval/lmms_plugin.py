@@ -5,11 +5,22 @@ pruned with `vlmprune.patch`.
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=cls,keep=64,dtype=float16 \\
         --tasks gqa --batch_size 8 --output_path runs/
 
-model_args: `pretrained` (a local directory or hub id), `method` (a vlmprune method; absent or
-`none`: the unpatched model), `keep` or `prune_ratio`, `positions`, `attn_implementation`
-(default sdpa), `batch_size`, `device` (default auto: cuda when available), `dtype` (auto: bf16 on
-CUDA, fp32 on CPU; or float16 / bfloat16 / float32), and any option of the method (e.g.
+model_args: `pretrained` (a local directory, a hub id, or an embedded model: `shapes-llava`,
+`shapes-qwen2-vl`), `method` (a vlmprune method; absent or `none`: the unpatched model), `keep` or
+`prune_ratio`, `positions`, `attn_implementation` (default sdpa), `batch_size`, `device` (default
+auto: cuda when available), `dtype` (auto: bf16 on CUDA, fp32 on CPU; or float16 / bfloat16 /
+float32), `min_pixels` / `max_pixels` (Qwen-VL processors only), and any option of the method (e.g.
 `layer=-3` for cls). Values here win over lmms-eval's own `--batch_size` / `--device`.
+
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints: the processor resizes each image to a whole number of
+28 x 28 px blocks (one visual token each) with min_pixels <= height x width <= max_pixels, so these
+two bound the visual tokens per image (tokens ~ pixels / 784): e.g.
+`pretrained=Qwen/Qwen2.5-VL-7B-Instruct,min_pixels=200704,max_pixels=200704,method=cls,keep=64` gives
+every image ~256 tokens before pruning (448 x 448 px for a square image). They set the loaded
+processor's bounds (`vlmprune.eval.qwen.set_pixels`; one of them alone keeps the checkpoint's other
+bound); without them the checkpoint's own setting holds (Qwen2-VL's: 3,136 to 12,845,056 px). A
+processor that does not take them (any other family) is an error. Without torchvision a Qwen-VL
+processor is loaded for images only (`vlmprune.eval.qwen.load_processor`).
 
 lmms-eval finds the class through our `lmms_eval.models` entry point (`vlmprune.eval.lmms`).
 Under `accelerate launch --num_processes N` every process loads the model on its own GPU and
@@ -32,11 +43,12 @@ from lmms_eval.api.model import lmms
 
 import vlmprune
 from vlmprune.config import make_config
+from vlmprune.eval.qwen import set_pixels
 from vlmprune.eval.sweep import RANDOM_MODELS, HFVLM, chat_text, load_vlm
 from vlmprune.scorers import available_methods, scorer_options
 
 MODEL_ARGS = ("pretrained", "method", "keep", "prune_ratio", "positions", "attn_implementation", "batch_size",
-              "device", "dtype")
+              "device", "dtype", "min_pixels", "max_pixels")
 TEXT_ARGS = ("pretrained", "method", "positions", "attn_implementation", "device", "dtype")  # never parsed as numbers
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -113,6 +125,8 @@ class VLMPrune(lmms):
         batch_size: int | str = 1,
         device: str = "auto",
         dtype: str = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -127,7 +141,15 @@ class VLMPrune(lmms):
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # data parallel: one model per process, on its own device
             device = str(self.accelerator.device)
+        for key, value in dict(min_pixels=min_pixels, max_pixels=max_pixels).items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"vlmprune model_args: {key} must be a positive int, got {value!r}")
         self.vlm: HFVLM = load_vlm(pretrained, device, dtype, attn_implementation)
+        if min_pixels is not None or max_pixels is not None:
+            try:
+                set_pixels(self.vlm.processor, min_pixels, max_pixels)
+            except ValueError as e:
+                raise ValueError(f"vlmprune model_args: {e}") from None
         self.processor = self.vlm.processor
         self.tokenizer = self.processor.tokenizer
         self.method = method
@@ -137,6 +159,7 @@ class VLMPrune(lmms):
         amount = f"keep={keep}" if keep is not None else f"prune_ratio={prune_ratio}"
         self.pruning = "unpatched" if method is None else f"{method} {amount}"
         self.kept_tokens = 0  # visual tokens kept, summed over the images generate_until saw
+        self.visual_tokens = 0  # and before pruning
         self.images_seen = 0
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
@@ -186,12 +209,14 @@ class VLMPrune(lmms):
         return {k: (v.to(self.device, self.vlm.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
-    def kept_per_image(self) -> list[list[int]] | None:
-        """[row][image] visual tokens the last prefill kept (None when unpatched); adds them to the totals."""
+    def kept_per_image(self, inputs: dict[str, torch.Tensor]) -> list[list[int]] | None:
+        """[row][image] visual tokens the last prefill (of `inputs`) kept (None when unpatched); adds
+        them, and the images' unpruned counts, to the totals."""
         if self.method is None:
             return None
         kept = [[len(s) for s in row] for row in vlmprune.last_selection(self.model)]
         self.kept_tokens += sum(map(sum, kept))
+        self.visual_tokens += sum(map(sum, self.vlm.visual_counts(inputs)))
         self.images_seen += sum(map(len, kept))
         return kept
 
@@ -212,8 +237,9 @@ class VLMPrune(lmms):
                 bar.update(len(chunk))
         bar.close()
         if self.images_seen:
-            logger.info(f"vlmprune {self.pruning}: kept {self.kept_tokens / self.images_seen:g} of "
-                        f"{self.vlm.n_visual} visual tokens per image over {self.images_seen} images")
+            n = self.images_seen
+            logger.info(f"vlmprune {self.pruning}: kept {self.kept_tokens / n:g} of {self.visual_tokens / n:g} "
+                        f"visual tokens per image over {n} images")
         return out
 
     @torch.no_grad()
@@ -228,7 +254,7 @@ class VLMPrune(lmms):
         inputs = self.encode(texts, images)
         tokens = self.model.generate(**inputs, **kwargs, pad_token_id=self.tokenizer.pad_token_id)
         new = tokens[:, inputs["input_ids"].shape[1]:]
-        kept = self.kept_per_image() if images else None  # a text-only batch prunes nothing
+        kept = self.kept_per_image(inputs) if images else None  # a text-only batch prunes nothing
         image_tokens = (inputs["input_ids"] == self.vlm.image_token_id).sum(1).tolist()
         out = []
         for i, text in enumerate(self.tokenizer.batch_decode(new, skip_special_tokens=True)):

@@ -1,12 +1,17 @@
 """Pruning-ratio sweeps: every method x keep (or ratio) on a task, with one model load.
 
 Pieces, each small enough to reuse:
-- `VLM`: a model plus how to turn (images, prompts) into its inputs and tokens back into text
-  (`load_vlm("tiny" | "llava-7b-shapes" | path or hub id)`).
+- `VLM`: a model plus how to turn (images, prompts) into its inputs and tokens back into text, and
+  what each image became (its visual-token count and grid, the picture the encoder saw)
+  (`load_vlm("tiny" | "llava-7b-shapes" | "qwen2-vl-tiny" | "qwen2.5-vl-7b-shapes" | an embedded
+  model | path or hub id)`). Qwen-VL inputs (`image_grid_thw` present) give each image its own
+  token grid: one LLM token per 28 x 28 px block of the resized image (`vlmprune.eval.qwen`).
 - `Task`: the items to evaluate (image, prompt, optional answer) and how to score an answer
   (`make_task(None | "shapes[:DIR]" | "file.jsonl")`).
 - `run_sweep`: runs the unpruned reference and every cell, writes `results.json` after each cell
-  (a rerun skips finished cells), then `results.csv` and `accuracy_vs_tokens.png`.
+  (a rerun skips finished cells), then `results.csv` and `accuracy_vs_tokens.png`. A method that
+  does not run on the model (`flowcut` on Qwen-VL: no CLS token) is skipped, its one-line reason
+  kept in `results.json["unsupported"]`.
 
 The metric is exact-match accuracy when every item has an answer, otherwise fidelity (greedy
 agreement with the unpruned model); first-token KL and agreement are recorded in both cases."""
@@ -16,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import platform
 import re
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Iterable, Protocol
@@ -32,7 +38,8 @@ from PIL import Image
 import vlmprune
 from vlmprune.eval import DEFAULT_METHODS, EMBEDDED_MODELS, SHAPES_DEFAULT_LIMIT
 from vlmprune.eval.fidelity import Generation, agreement, first_token_kl, greedy
-from vlmprune.eval.tiny import PAD, left_pad, llava_7b_config, tiny_llava
+from vlmprune.eval.qwen import load_processor, patchify, unpatchify
+from vlmprune.eval.tiny import PAD, left_pad, llava_7b_config, qwen2_5_vl_7b_config, tiny_llava, tiny_qwen
 from vlmprune.eval.visualise import overlay_grid, plot_sweep
 
 # "tiny": LLaVA-1.5's visual token count (336 px / patch 14 = 24 x 24 = 576) at a small width,
@@ -41,7 +48,14 @@ TINY = dict(
     image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=4,
     text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
 )
-RANDOM_MODELS = ("tiny", "llava-7b-shapes")  # random weights, built from a config, no processor
+# "qwen2-vl-tiny": the same widths as a Qwen2-VL (14 px patches, 2x2 merge). Qwen's random models
+# take QWEN_SIDE px images: 24 x 24 = 576 visual tokens, LLaVA-1.5's count (2,304 encoder patches).
+TINY_QWEN = dict(
+    patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=4,
+    text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
+)
+QWEN_SIDE = 672
+RANDOM_MODELS = ("tiny", "llava-7b-shapes", "qwen2-vl-tiny", "qwen2.5-vl-7b-shapes")  # random weights, no processor
 BUILTIN_MODELS = RANDOM_MODELS + tuple(EMBEDDED_MODELS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -51,7 +65,13 @@ DEFAULT_PROMPT = "Describe the image."
 # --- models ----------------------------------------------------------------------------------
 class VLM:
     """A model built from a config, with a byte-level stand-in tokenizer: the prompt is
-    [BOS] + one image-token run + the prompt's bytes; images are resized to the encoder's size."""
+    [BOS] + one image-token run + the prompt's bytes; images are resized to the encoder's size.
+
+    What every VLM tells about its inputs (the sweep, `show` and the benchmark rely on these):
+    `visual_counts` (each image's visual tokens), `token_grid` (an image's grid of visual tokens)
+    and `view` (the picture the encoder saw). With Qwen-VL inputs (`image_grid_thw` present) each
+    image has its own grid, read off `image_grid_thw`; otherwise every image has `n_visual` tokens
+    on the encoder's square patch grid (plus a leading CLS with `vision_feature_select_strategy="full"`)."""
 
     mean = std = (0.5, 0.5, 0.5)
 
@@ -70,6 +90,7 @@ class VLM:
 
     @property
     def image_size(self) -> int:
+        """Side (px) of the images `n_visual` counts and the benchmark feeds."""
         return self.model.config.vision_config.image_size
 
     @property
@@ -78,28 +99,67 @@ class VLM:
 
     @property
     def n_visual(self) -> int:
-        """Visual tokens per image, counted in the inputs of one blank image."""
+        """Visual tokens per image, counted in the inputs of one blank `image_size` image."""
         if self._n_visual is None:
             ids = self.inputs([Image.new("RGB", (self.image_size, self.image_size))], ["x"])["input_ids"]
             self._n_visual = int((ids == self.image_token_id).sum())
         return self._n_visual
 
-    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        """[B, 3, S, S] normalised pixel values."""
-        s = self.image_size
+    @property
+    def merge(self) -> int | None:
+        """Qwen-VL's spatial merge (2: one LLM token per 2x2 encoder patches); None for other families."""
+        return getattr(self.model.config.vision_config, "spatial_merge_size", None)
+
+    def visual_counts(self, inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+        """[row][image] visual tokens of each image of `inputs`, unpruned."""
+        per_row = (inputs["input_ids"] == self.image_token_id).sum(1).tolist()
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            n = self.n_visual
+            return [[n] * (int(c) // n) for c in per_row]
+        sizes = iter((thw.prod(-1) // self.merge**2).tolist())
+        out = []
+        for c in per_row:
+            row: list[int] = []
+            while sum(row) < c:
+                row.append(int(next(sizes)))
+            if sum(row) != c:
+                raise ValueError(f"image_grid_thw {thw.tolist()} does not match the image tokens per row {per_row}")
+            out.append(row)
+        return out
+
+    def token_grid(self, inputs: dict[str, torch.Tensor], i: int = 0) -> tuple[int, int]:
+        """(rows, columns) of image `i`'s visual tokens: Qwen-VL's (t * h / merge, w / merge) from its
+        `image_grid_thw` row, else the encoder's patch grid (image_size / patch_size square)."""
+        thw = inputs.get("image_grid_thw")
+        if thw is not None:
+            t, h, w = thw[i].tolist()
+            return t * h // self.merge, w // self.merge
+        vc = self.model.config.vision_config
+        n = vc.image_size // vc.patch_size
+        return n, n
+
+    def pixels(self, images: list[Image.Image], size: int | None = None) -> torch.Tensor:
+        """[B, 3, S, S] normalised pixel values (S = `size`, default `image_size`)."""
+        s = size or self.image_size
         arr = torch.stack([torch.frombuffer(bytearray(im.resize((s, s), Image.BICUBIC).tobytes()), dtype=torch.uint8)
                            for im in images]).view(len(images), s, s, 3)
         x = arr.permute(0, 3, 1, 2).float() / 255.0
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
-    def token_ids(self, prompt: str) -> list[int]:
-        vocab = self.model.config.text_config.vocab_size
-        reserved = {PAD, 1, 2, self.image_token_id}
+    def text_ids(self, prompt: str) -> list[int]:
+        """The prompt's bytes as token ids, clear of the special ids (pad, BOS, EOS, placeholders)."""
+        cfg = self.model.config
+        vocab = cfg.text_config.vocab_size
+        reserved = {PAD, 1, 2, *(getattr(cfg, k, None) for k in (
+            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))}
         text = [3 + b % (min(vocab, 256) - 4) for b in prompt.encode()]
-        text = [t if t not in reserved else 3 for t in text]
+        return [t if t not in reserved else 3 for t in text]
+
+    def token_ids(self, prompt: str) -> list[int]:
         n = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
         extra = int(self.model.config.vision_feature_select_strategy == "full")
-        return [1] + [self.image_token_id] * (n * n + extra) + text
+        return [1] + [self.image_token_id] * (n * n + extra) + self.text_ids(prompt)
 
     def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         """Model inputs for one image per prompt, left-padded, on the model's device."""
@@ -111,13 +171,62 @@ class VLM:
     def decode(self, tokens: list[int]) -> str:
         return " ".join(str(t) for t in tokens)
 
-    def view(self, pixel_values: torch.Tensor) -> Image.Image:
-        """The image as the encoder sees it (one [3, H, W] pixel tensor, de-normalised)."""
+    def view(self, inputs: dict[str, torch.Tensor], i: int = 0) -> Image.Image:
+        """Image `i` of `inputs` as the encoder sees it (de-normalised; a video's first frame)."""
+        pv = inputs["pixel_values"]
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            x = pv[i]
+        else:
+            vc = self.model.config.vision_config
+            start = int(thw[:i].prod(-1).sum())
+            x = unpatchify(pv[start:], thw[i].tolist(), vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size)
         mean = torch.tensor(self.mean)[:, None, None]
         std = torch.tensor(self.std)[:, None, None]
-        x = (pixel_values.detach().float().cpu() * std + mean) * 255.0
+        x = (x.detach().float().cpu() * std + mean) * 255.0
         arr = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
         return Image.fromarray(arr.numpy(), "RGB")
+
+    def image_features(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """The unpatched encoder + projector on the images of `inputs` (`get_image_features`)."""
+        extra = {"image_grid_thw": inputs["image_grid_thw"]} if inputs.get("image_grid_thw") is not None else {}
+        return self.model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra, return_dict=True)
+
+
+class QwenVLM(VLM):
+    """A Qwen-VL model built from a config, with the byte-level stand-in tokenizer: the prompt is
+    [vision start] + one image's placeholders + [vision end] + the prompt's bytes; images are
+    resized to `side` px (a whole number of patch x merge px tokens) and laid out as Qwen's
+    processor lays them out (`qwen.patchify`), with `image_grid_thw` and `mm_token_type_ids`."""
+
+    def __init__(self, name: str, model: torch.nn.Module, side: int = QWEN_SIDE):
+        super().__init__(name, model)
+        self.side = side
+
+    @property
+    def image_size(self) -> int:
+        return self.side
+
+    def grid(self) -> int:
+        """Encoder patches per side of an image."""
+        return self.side // self.model.config.vision_config.patch_size
+
+    def token_ids(self, prompt: str) -> list[int]:
+        cfg = self.model.config
+        n = (self.grid() // self.merge) ** 2
+        placeholders = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+        return placeholders + self.text_ids(prompt)
+
+    def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+        vc = self.model.config.vision_config
+        ids, mask = left_pad([self.token_ids(p) for p in prompts])
+        pixels = self.pixels([im.convert("RGB") for im in images])
+        pv = patchify(pixels, vc.patch_size, self.merge, vc.temporal_patch_size)
+        g = self.grid()
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "mm_token_type_ids": (ids == self.image_token_id).int().to(self.device),
+                "pixel_values": pv.to(self.device, self.dtype),
+                "image_grid_thw": torch.tensor([[1, g, g]] * len(images), device=self.device)}
 
 
 class HFVLM(VLM):
@@ -130,6 +239,19 @@ class HFVLM(VLM):
         ip = getattr(processor, "image_processor", None)
         self.mean = tuple(getattr(ip, "image_mean", None) or (0.0, 0.0, 0.0))
         self.std = tuple(getattr(ip, "image_std", None) or (1.0, 1.0, 1.0))
+
+    @property
+    def image_size(self) -> int:
+        """The encoder's input size; for Qwen-VL (any size), the side the processor keeps up to
+        `QWEN_SIDE` px: sqrt(max_pixels) in 28 px steps (336 for `shapes-qwen2-vl`, which fixes it)."""
+        vc = self.model.config.vision_config
+        if getattr(vc, "image_size", None):
+            return vc.image_size
+        ip = self.processor.image_processor
+        size = getattr(ip, "size", None)
+        largest = getattr(size, "longest_edge", None) or getattr(ip, "max_pixels", None)
+        step = vc.patch_size * vc.spatial_merge_size
+        return max(step, min(QWEN_SIDE, math.isqrt(int(largest or QWEN_SIDE**2))) // step * step)
 
     def text(self, prompt: str) -> str:
         return chat_text(self.processor, prompt)
@@ -189,28 +311,36 @@ def embedded_path(name: str) -> Path:
 
 
 def load_vlm(name: str = "tiny", device: str = "auto", dtype: str = "auto", attn: str = "sdpa") -> VLM:
-    """'tiny' (random, 576 visual tokens, small width), 'llava-7b-shapes' (random weights with
-    LLaVA-1.5-7B shapes), an embedded trained model ('shapes-llava', 'shapes-qwen2-vl') or a local
-    directory / hub id loaded with its processor."""
+    """Random weights built from a config: 'tiny' (LLaVA, 576 visual tokens, small width),
+    'llava-7b-shapes' (LLaVA-1.5-7B shapes), 'qwen2-vl-tiny' (Qwen2-VL, small width) and
+    'qwen2.5-vl-7b-shapes' (Qwen2.5-VL-7B shapes), the Qwen ones on `QWEN_SIDE` px images (576
+    visual tokens); or an embedded trained model ('shapes-llava', 'shapes-qwen2-vl'), a local
+    directory or a hub id, loaded with its processor (`qwen.load_processor`: without torchvision a
+    Qwen-VL processor loads for images only)."""
     if name in EMBEDDED_MODELS:
         return load_vlm(str(embedded_path(name)), device, dtype, attn)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name == "tiny":
         return VLM(name, build_on(dev, dt, lambda: tiny_llava(attn=attn, **TINY)))
-    if name == "llava-7b-shapes":
-        from transformers import LlavaForConditionalGeneration
+    if name == "qwen2-vl-tiny":
+        return QwenVLM(name, build_on(dev, dt, lambda: tiny_qwen("qwen2_vl", attn=attn, **TINY_QWEN)))
+    if name in ("llava-7b-shapes", "qwen2.5-vl-7b-shapes"):
+        from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
-        model = build_on(dev, dt, lambda: LlavaForConditionalGeneration(llava_7b_config(attn)))
+        if name == "llava-7b-shapes":
+            model = build_on(dev, dt, lambda: LlavaForConditionalGeneration(llava_7b_config(attn)))
+        else:
+            model = build_on(dev, dt, lambda: Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_7b_config(attn)))
         model.generation_config.pad_token_id = PAD
-        return VLM(name, model)
+        return VLM(name, model) if name == "llava-7b-shapes" else QwenVLM(name, model)
     if not Path(name).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise ValueError(f"unknown model {name!r}; use one of {list(BUILTIN_MODELS)}, a local model directory "
                          f"or a hub id 'org/name'")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        processor = load_processor(name)
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dt, attn_implementation=attn).to(dev).eval()
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
@@ -359,6 +489,15 @@ class Cell:
         return min(n, self.keep) if self.keep is not None else min(n, round(n * (1 - self.ratio)))
 
 
+DEFAULT_KEEP_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9)  # of the visual tokens per image: 576, 192, 128, 64 for LLaVA-1.5
+
+
+def default_keeps(n_visual: int) -> list[int]:
+    """The keep values of a sweep given none: all, 1/3, 2/9 and 1/9 of the model's visual tokens per
+    image (576, 192, 128, 64 for LLaVA-1.5; 144, 48, 32, 16 for `shapes-qwen2-vl`)."""
+    return list(dict.fromkeys(max(1, round(n_visual * f)) for f in DEFAULT_KEEP_FRACTIONS))
+
+
 def make_cells(methods: list[str], keeps: list[int] | None = None, ratios: list[float] | None = None) -> list[Cell]:
     """methods x keeps (or x ratios), in order."""
     if (keeps is None) == (ratios is None):
@@ -368,11 +507,24 @@ def make_cells(methods: list[str], keeps: list[int] | None = None, ratios: list[
     return [Cell(m, ratio=r) for m in methods for r in ratios]
 
 
-def check_cells(vlm: VLM, cells: list[Cell]) -> None:
-    """Patch and unpatch once per cell, so bad methods / amounts fail before any work."""
+def check_cells(vlm: VLM, cells: list[Cell]) -> dict[str, str]:
+    """Bad methods / amounts fail here, before any work; then each method is patched and unpatched
+    once: a method that does not run on this model (e.g. `flowcut`, which needs a CLS token, on
+    Qwen-VL) is returned as method -> its one-line error, for the sweep to skip and report."""
+    from vlmprune.config import make_config
+
     for cell in cells:
-        with vlmprune.pruning(vlm.model, cell.method, **cell.patch_kwargs()):
-            pass
+        make_config(cell.method, **cell.patch_kwargs())
+    unsupported: dict[str, str] = {}
+    for cell in cells:
+        if cell.method in unsupported:
+            continue
+        try:
+            with vlmprune.pruning(vlm.model, cell.method, **cell.patch_kwargs()):
+                pass
+        except ValueError as e:  # the arguments are valid (make_config): the model cannot run the method
+            unsupported[cell.method] = " ".join(str(e).split())
+    return unsupported
 
 
 @dataclass
@@ -410,13 +562,13 @@ def run_batch(vlm: VLM, batch: list[Loaded], max_new_tokens: int) -> tuple[Gener
     (real tokens, after pruning) of each row."""
     inputs = vlm.inputs([b.image for b in batch], [b.item.prompt for b in batch])
     gen = greedy(vlm.model, inputs, max_new_tokens)
-    n = vlm.n_visual
+    counts = vlm.visual_counts(inputs)
     if vlmprune.is_patched(vlm.model):
         kept = [[len(s) for s in row] for row in vlmprune.last_selection(vlm.model)]
     else:
-        images = (inputs["input_ids"] == vlm.image_token_id).sum(1) // n
-        kept = [[n] * int(i) for i in images.tolist()]
-    lengths = [int(t) - sum(n - k for k in row) for t, row in zip(inputs["attention_mask"].sum(1).tolist(), kept)]
+        kept = counts
+    lengths = [int(t) - sum(n - k for n, k in zip(ns, ks))
+               for t, ns, ks in zip(inputs["attention_mask"].sum(1).tolist(), counts, kept)]
     return gen, kept, lengths
 
 
@@ -479,6 +631,16 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def visual_tokens(cell: Cell, records: list[dict[str, Any]], n_visual: int) -> int | float:
+    """Visual tokens per image of a cell: the mean over its items' images (images of any size, as
+    Qwen-VL's), an int when whole; `cell.kept(n_visual)` when no item ran."""
+    per_image = [k for r in records if "error" not in r for k in r["visual_tokens"]]
+    if not per_image:
+        return cell.kept(n_visual)
+    avg = sum(per_image) / len(per_image)
+    return int(avg) if avg == int(avg) else round(avg, 2)
+
+
 def summarise(cell: Cell, out: Outputs, n_visual: int) -> dict[str, Any]:
     """One table row for a cell."""
     ok = [r for r in out.records if "error" not in r]
@@ -486,7 +648,8 @@ def summarise(cell: Cell, out: Outputs, n_visual: int) -> dict[str, Any]:
     has_answers = bool(ok) and len(with_answer) == len(ok)
     row = {
         "method": cell.method or "unpruned", "keep": cell.keep, "prune_ratio": cell.ratio,
-        "visual_tokens": cell.kept(n_visual), "items": len(out.records), "errors": len(out.records) - len(ok),
+        "visual_tokens": visual_tokens(cell, out.records, n_visual), "items": len(out.records),
+        "errors": len(out.records) - len(ok),
         "accuracy": mean([r["correct"] for r in with_answer]) if has_answers else None,
         "agreement": mean([r["agree"] for r in ok if "agree" in r]),
         "kl": mean([r["kl"] for r in ok if "kl" in r]),
@@ -578,12 +741,16 @@ def run_sweep(spec: SweepSpec, vlm: VLM | None = None, progress: Any = None) -> 
     out_dir = Path(spec.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
-    cells = make_cells(spec.methods, spec.keeps, spec.ratios)
-    results = read_results(json_path, spec.config())
     task = make_task(spec.data, spec.limit)
+    results = read_results(json_path, spec.config())
     vlm = vlm or load_vlm(spec.model, spec.device, spec.dtype, spec.attn)
-    check_cells(vlm, cells)
-    results.update(environment(vlm.device), task=task.name, n_visual=vlm.n_visual)
+    if spec.keeps is None and spec.ratios is None:  # the default budgets are fractions of the model's tokens
+        spec = replace(spec, keeps=default_keeps(vlm.n_visual))
+        results["config"]["keeps"] = spec.keeps
+    cells = make_cells(spec.methods, spec.keeps, spec.ratios)
+    unsupported = check_cells(vlm, cells)
+    cells = [c for c in cells if c.method not in unsupported]
+    results.update(environment(vlm.device), task=task.name, n_visual=vlm.n_visual, unsupported=unsupported)
     todo = [c for c in [Cell(), *cells] if c.key not in results["cells"]]
     results["last_run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "ran": [c.key for c in todo],
                            "skipped": [c.key for c in [Cell(), *cells] if c not in todo]}
@@ -610,7 +777,7 @@ def run_sweep(spec: SweepSpec, vlm: VLM | None = None, progress: Any = None) -> 
     rows = summary_rows(results)
     write_csv(out_dir / "results.csv", rows)
     plot_sweep(rows, out_dir / "accuracy_vs_tokens.png", title=f"{spec.model} on {task.name}")
-    if spec.overlays > 0:
+    if spec.overlays > 0 and cells:
         write_overlays(vlm, task, cells, spec.overlays, out_dir / "overlays.png")
     return results
 

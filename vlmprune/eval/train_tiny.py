@@ -1289,9 +1289,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = vocabulary_texts(shapes, 64 if args.quick else 3000)
     answer_list = [str(a) for a in shapes.ANSWER_VOCAB]
     if args.init:  # continue from a saved model: its own tokenizer and processor
-        from transformers import AutoProcessor
+        from vlmprune.eval.qwen import load_processor
 
-        processor = AutoProcessor.from_pretrained(args.init)
+        processor = load_processor(args.init)
         tokenizer = processor.tokenizer
     else:
         tokenizer = build_tokenizer(texts, answer_list, family)
@@ -1523,11 +1523,11 @@ def main(argv: list[str] | None = None) -> int:
     model.cpu()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    from transformers import AutoProcessor
+    from vlmprune.eval.qwen import load_processor
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     shipped = family.model_class().from_pretrained(out, dtype=dtype).to(device).eval()
-    proc = AutoProcessor.from_pretrained(out)
+    proc = load_processor(out)  # AutoProcessor; for Qwen2-VL without torchvision, for images only
     details = {}
     test_acc = evaluate(shipped, proc, test_items, args.eval_batch, max_answer + 1, details=details)
     times["test_s"] = round(time.perf_counter() - t3, 2)

@@ -99,15 +99,28 @@ def qwen2_vl_config(arch: Arch, vocab_size: int, attn: str = "sdpa"):
 def build_processor(tokenizer):
     """`Qwen2VLProcessor`: a `Qwen2VLImageProcessor` that keeps 336 x 336 (min = max pixels), CLIP
     mean / std, patch 14, merge 2, temporal patch 2 -> one image is 576 patches, 144 <|image_pad|>;
-    and a `Qwen2VLVideoProcessor` of the same settings, never used here but required: transformers
-    5.23 builds no `Qwen2VLProcessor` without one (and so none without torchvision)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    and a `Qwen2VLVideoProcessor` of the same settings, never used here but part of the processor.
+    Without torchvision (which the video processor needs) the same processor for images only, on
+    the image processor's PIL backend (`vlmprune.eval.qwen.images_only`; saved as a Qwen2VLProcessor
+    with no video processor, and reloaded by `qwen.load_processor`)."""
+    from transformers import Qwen2VLProcessor
 
     kwargs = dict(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE, patch_size=PATCH_SIZE,
                   temporal_patch_size=TEMPORAL, merge_size=MERGE, image_mean=list(CLIP_MEAN),
                   image_std=list(CLIP_STD), resample=3)
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kwargs), tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(**kwargs), chat_template=CHAT_TEMPLATE)
+    try:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        images, videos = Qwen2VLImageProcessor(**kwargs), Qwen2VLVideoProcessor(**kwargs)
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from vlmprune.eval.qwen import images_only
+
+        return images_only(Qwen2VLProcessor)(image_processor=Qwen2VLImageProcessorPil(**kwargs), tokenizer=tokenizer,
+                                             chat_template=CHAT_TEMPLATE)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                            chat_template=CHAT_TEMPLATE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,14 +46,15 @@ def overlay(image: Image.Image, mask: torch.Tensor, dim: float = DIM, scale: int
 def kept_overlay(vlm: Any, image: Image.Image, method: str = "cls", prompt: str = "Describe the image.",
                  dim: float = DIM, **patch_kwargs: Any) -> tuple[Image.Image, torch.Tensor]:
     """Run one prefill of `vlm` (a `sweep.VLM`) pruned with `method` on `image`; returns the
-    overlay of its kept patches on the image as the encoder saw it, and the kept indices."""
+    overlay of its kept patches on the image as the encoder saw it, and the kept indices. The grid
+    is the image's own (`vlm.token_grid`): LLaVA's 24 x 24 patches of 14 px, or Qwen-VL's
+    (h / 2, w / 2) tokens of 28 x 28 px from the image's `image_grid_thw` row."""
     inputs = vlm.inputs([image], [prompt])
     with vlmprune.pruning(vlm.model, method, **patch_kwargs):
         vlm.model(**inputs)
         kept = vlmprune.last_selection(vlm.model)[0][0]
-        grid = vlm.model.__dict__[vlmprune._ADAPTER].info.grid  # the patched model's adapter
-    view = vlm.view(inputs["pixel_values"][0])
-    mask = patch_mask(kept, grid, vlm.n_visual)
+    view = vlm.view(inputs)
+    mask = patch_mask(kept, vlm.token_grid(inputs), vlm.visual_counts(inputs)[0][0])
     return overlay(view, mask, dim, display_scale(view.size)), kept
 
 
@@ -113,19 +114,21 @@ def overlay_grid(vlm: Any, images: list[Image.Image], prompts: list[str], method
 
     rows = []
     for image, prompt in zip(images, prompts):
-        view = vlm.view(vlm.inputs([image], [prompt])["pixel_values"][0])
+        view = vlm.view(vlm.inputs([image], [prompt]))
         scale = display_scale(view.size)
         tiles = [("image", view.resize((view.width * scale, view.height * scale), Image.NEAREST))]
         tiles += [(m, kept_overlay(vlm, image, m, prompt, **patch_kwargs)[0]) for m in methods]
         rows.append(tiles)
-    side = rows[0][0][1].width
-    grid = Image.new("RGB", (side * len(rows[0]), (side + CAPTION_PX) * len(rows)), "white")
+    # one cell per tile, as large as the largest (Qwen-VL's images keep their own size)
+    width = max(tile.width for tiles in rows for _, tile in tiles)
+    height = max(tile.height for tiles in rows for _, tile in tiles)
+    grid = Image.new("RGB", (width * len(rows[0]), (height + CAPTION_PX) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     amount = ", ".join(f"{k}={v}" for k, v in patch_kwargs.items())
     for r, tiles in enumerate(rows):
-        y = r * (side + CAPTION_PX)
+        y = r * (height + CAPTION_PX)
         for c, (label, tile) in enumerate(tiles):
-            grid.paste(tile, (c * side, y + CAPTION_PX))
-            draw.text((c * side + 4, y + 3), label if label == "image" else f"{label} ({amount})", fill="black")
+            grid.paste(tile, (c * width, y + CAPTION_PX))
+            draw.text((c * width + 4, y + 3), label if label == "image" else f"{label} ({amount})", fill="black")
     grid.save(path)
     return grid
