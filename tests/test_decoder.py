@@ -256,8 +256,8 @@ def test_decoder_stage_errors_are_clear():
     with pytest.raises(ValueError, match="deepstack"):
         vlmprune.patch(tiny_qwen("qwen3_vl", text_layers=LAYERS), "fastv", layer=1, keep=4)  # deepstack after 0, 1
     vlmprune.patch(model, "fastv", layer=2, keep=4)
-    with pytest.raises(ValueError, match="labels"):
-        model(input_ids=torch.tensor([prompt(1)]), pixel_values=pixels(1), labels=torch.tensor([prompt(1)]))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt(1)]), pixel_values=pixels(1))
     with pytest.raises(ValueError, match="stage must be an int in 0..0"):
         vlmprune.last_selection(model, stage=1)
 
@@ -381,3 +381,22 @@ def test_transprune_equals_progressive_oracle(ttv_only, monkeypatch):
         out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert all(torch.equal(a, b) for a, b in zip(vlmprune.last_selection(model)[0], ref_sel))
+
+
+def test_labels_with_a_decoder_stage_give_the_oracle_loss_and_gradients():
+    """Training through a fastv cut: the loss is the causal LM loss of the oracle's logits (the kept
+    rows) against the labels of their columns, and gradients reach the projector."""
+    model = llava(seed=32)
+    model.train()
+    ids, pv = prompt(2, seed=33), pixels(2, seed=34)
+    labels = torch.tensor([ids]).masked_fill(torch.tensor([ids]) == IMAGE_TOKEN, -100)
+    eager = llava("eager", seed=32)
+    embeds, pos, visual = llava_row(model, ids, pv)
+    ranking = eager_last_row(eager, dict(input_ids=torch.tensor([ids]), pixel_values=pv), 1)
+    logits, _, cols = oracle(model, embeds.detach(), pos, visual, 4, 2, ranking)
+    want = torch.nn.functional.cross_entropy(logits[:-1].float(), labels[0, cols][1:], ignore_index=-100)
+    vlmprune.patch(model, "fastv", layer=2, keep=4)
+    out = model(input_ids=torch.tensor([ids]), pixel_values=pv, labels=labels)
+    torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=0)
+    out.loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0

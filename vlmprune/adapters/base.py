@@ -419,9 +419,9 @@ class Adapter:
         """`orig(**call)` with the decoder stages acting inside it (`run`; None: none act)."""
         if run is None or self.decoder is None:
             return orig(**call)
-        if run.prefill and call.get("labels") is not None:
-            raise ValueError("vlmprune: labels= with a decoder stage is not supported (the rows after the stage "
-                             "are shorter than the labels); use a vision-stage method for training")
+        labels = call.pop("labels", None) if run.prefill else None
+        if labels is not None and call.get("logits_to_keep") not in (None, 0):
+            raise ValueError("vlmprune: labels= with a decoder stage needs every position's logits (logits_to_keep=0)")
         self.decoder.run = run
         try:
             result = orig(**call)
@@ -432,6 +432,9 @@ class Adapter:
             if cache is not None:
                 setattr(cache, DECODER_ATTR, (run.length, run.cuts))
             self._cuts = run.cuts
+        if labels is not None:  # the loss over the rows that reached the output: the labels of their columns
+            result.loss = self.model.loss_function(logits=result.logits, labels=surviving(labels, run.cuts),
+                                                   vocab_size=result.logits.shape[-1])
         return result
 
     def decoder_run(self, places: np.ndarray, per_image: list[int], rows: list[list[int]], mask,
@@ -632,6 +635,14 @@ class Adapter:
             device = state.removed.device
             inputs["position_ids"] = (torch.arange(q, device=device) + start)[None, :]
         return inputs
+
+
+def surviving(labels: torch.Tensor, cuts: list) -> torch.Tensor:
+    """`labels` [B, L] of the decoder input, at the columns that go on through every decoder cut
+    (-100 at the padding the cuts add)."""
+    for cut in cuts:
+        labels = labels.to(cut.cols.device).gather(1, cut.cols.clamp(min=0)).masked_fill(cut.cols < 0, -100)
+    return labels
 
 
 def generated_4d(mask: Any) -> bool:
