@@ -400,3 +400,22 @@ def test_labels_with_a_decoder_stage_give_the_oracle_loss_and_gradients():
     torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=0)
     out.loss.backward()
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_decoder_defaults_scale_with_the_depth():
+    """pdrop's 8/16/24, transprune's 7/9/12 (and its TTV span) and exit's 16 are pinned on a
+    32-layer decoder; on another depth they scale (strictly ascending, within 1..depth-1)."""
+    from vlmprune.scorers import build_scorer
+
+    assert build_scorer("pdrop").for_depth(32).layers == (8, 16, 24)
+    assert build_scorer("pdrop").for_depth(4).layers == (1, 2, 3)
+    tp = build_scorer("transprune").for_depth(16)
+    assert tp.layers == (4, 5, 6) and tp.ttv_layers == (3, 4, 5)
+    assert build_scorer("transprune").for_depth(32).layers == (7, 9, 12)
+    assert build_scorer("transprune", layers=[1, 2, 3]).for_depth(8).layers == (1, 2, 3)  # given: kept
+    assert build_scorer("exit").for_depth(4).layer == 2 and build_scorer("exit").for_depth(32).layer == 16
+    with pytest.raises(ValueError, match="3 cuts do not fit a decoder of 3 layers"):
+        build_scorer("pdrop").for_depth(3)
+    model = llava(seed=35)
+    vlmprune.patch(model, "transprune", keep=2)
+    assert [p.layer for p in model._vlmprune_adapter.decoder.points] == [1, 2, 3]

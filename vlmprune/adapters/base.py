@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmprune.adapters.decoder import DecoderStages, Point, Run
+from vlmprune.adapters.decoder import DecoderStages, Point, Run, decoder_stack
 from vlmprune.adapters.vit import pad_graphs
 from vlmprune.config import PruneConfig
 from vlmprune.kernels import gather_rows, select_tokens
@@ -166,11 +166,12 @@ class Adapter:
         self._saved_encoder: dict[str, Any] = {}
         self.decoder: DecoderStages | None = None
         if config.decoder_stages:
-            points = []
+            points, depth = [], len(decoder_stack(model).layers)
             for stage in config.decoder_stages:
                 budget_of = functools.partial(lambda s, n, n0: config.kept(n, s), stage)
-                points += [Point(layer, config.stages.index(stage), stage.scorer, kept)
-                           for layer, kept in stage.scorer.schedule(budget_of)]
+                scorer = stage.scorer.for_depth(depth)  # layer defaults scaled to this decoder
+                points += [Point(layer, config.stages.index(stage), scorer, kept)
+                           for layer, kept in scorer.schedule(budget_of)]
             self.decoder = DecoderStages(model, points, self.info)
 
     @property

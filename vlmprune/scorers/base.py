@@ -260,6 +260,10 @@ class Scorer:
         idx, _ = select_tokens(scores, None, k, signals.n_valid)
         return Selection(indices=idx)
 
+    def for_depth(self, depth: int) -> "Scorer":
+        """Decoder stages: this scorer with layer defaults resolved for a decoder of `depth` layers."""
+        return self
+
     def schedule(self, kept) -> list[tuple[int, object]]:
         """Decoder stages: (layer, tokens kept per image as a function of (its tokens there, its
         tokens entering the decoder)) for each layer the stage acts before; `kept(n, n0)` is the

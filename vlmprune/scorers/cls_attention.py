@@ -3,6 +3,8 @@ helpers (option checks, layer resolution, masked ranking) the other attention-ba
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, layer_rows, register
@@ -147,3 +149,16 @@ class VtcClsScorer(Scorer):
     def score(self, signals: Signals) -> torch.Tensor:
         layers = self._layers(signals.info)
         return attention_layers(signals, layers, self.name).mean(0)
+
+
+def scaled_layers(method: str, fractions: tuple[float, ...], depth: int) -> tuple[int, ...]:
+    """Decoder layers at `fractions` of the depth (round half up), made strictly ascending within
+    1..depth-1: a schedule pinned on a 32-layer decoder, carried to another depth."""
+    layers, prev = [], 0
+    for f in fractions:
+        layer = max(prev + 1, math.floor(f * depth + 0.5))
+        if layer > depth - 1:
+            raise ValueError(f"{method}: {len(fractions)} cuts do not fit a decoder of {depth} layers; give `layers`")
+        layers.append(layer)
+        prev = layer
+    return tuple(layers)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from vlmprune.scorers.base import EncoderInfo, Request, Scorer, Signals, register
-from vlmprune.scorers.cls_attention import check_number
+from vlmprune.scorers.cls_attention import check_number, scaled_layers
 
 
 @register
@@ -26,7 +26,8 @@ class TransPruneScorer(Scorer):
       instruction), averaged over those rows.
     - Score per image: TTV / sum(TTV over the image) + IGA / sum(IGA over the image); top-k,
       ties to the lower index. `ttv_only=True` drops IGA (no attention at all).
-    - Schedule: cuts before layers `layers` (default 7, 9, 12); before each but the last an image
+    - Schedule: cuts before layers `layers` (default 7, 9, 12 of 32, scaled to the model's depth,
+      `ttv_layers` then follow them); before each but the last an image
       keeps floor(ratio * its tokens entering the decoder) (`ratios`, default 0.875, 0.625: the
       official ones); the last cut keeps the stage's budget (`keep` / `prune_ratio`; the official
       0.125 is prune_ratio=0.875).
@@ -37,8 +38,10 @@ class TransPruneScorer(Scorer):
     stage = "decoder"
     paper = "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model (CVPR), 2026"
 
-    def __init__(self, layers: list[int] | tuple[int, ...] = (7, 9, 12), ratios: list[float] | tuple[float, ...] = (0.875, 0.625),
+    def __init__(self, layers: list[int] | tuple[int, ...] | None = None, ratios: list[float] | tuple[float, ...] = (0.875, 0.625),
                  ttv_layers: list[int] | tuple[int, ...] | None = None, ttv_only: bool = False):
+        self.scaled = layers is None  # 7, 9, 12 of 32 layers, scaled to the model's depth (`for_depth`)
+        layers = (7, 9, 12) if layers is None else layers
         if not isinstance(layers, (list, tuple)) or not layers or any(
                 not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in layers):
             raise TypeError(f"{self.name}: layers must be a non-empty list of ints >= 1, got {layers!r}")
@@ -47,6 +50,7 @@ class TransPruneScorer(Scorer):
         if not isinstance(ratios, (list, tuple)) or len(ratios) != len(layers) - 1:
             raise ValueError(f"{self.name}: ratios needs one fraction per cut but the last ({len(layers) - 1}), got {ratios!r}")
         self.ratios = tuple(check_number(self.name, "ratios entry", r, 0.0, 1.0) for r in ratios)
+        self.ttv_given = ttv_layers is not None
         if ttv_layers is None:
             ttv_layers = tuple(range(max(0, layers[0] - 1), layers[-1]))
         if not isinstance(ttv_layers, (list, tuple)) or any(not isinstance(x, int) or x < 0 for x in ttv_layers):
@@ -54,6 +58,13 @@ class TransPruneScorer(Scorer):
         if not isinstance(ttv_only, bool):
             raise TypeError(f"{self.name}: ttv_only must be True or False, got {ttv_only!r}")
         self.layers, self.ttv_layers, self.ttv_only = tuple(layers), tuple(sorted(set(ttv_layers))), ttv_only
+
+    def for_depth(self, depth: int) -> "TransPruneScorer":
+        if not self.scaled or depth == 32:
+            return self
+        layers = scaled_layers(self.name, tuple(x / 32 for x in self.layers), depth)
+        return TransPruneScorer(list(layers), list(self.ratios), list(self.ttv_layers) if self.ttv_given else None,
+                                self.ttv_only)
 
     def schedule(self, kept):
         early = [(layer, lambda n, n0, r=r: min(n, math.floor(r * n0))) for layer, r in zip(self.layers, self.ratios)]
