@@ -28,7 +28,6 @@ from vlmprune.kernels import dpp as dp  # noqa: E402
 from vlmprune.kernels.graph import attention_graph_ref, pagerank_ref  # noqa: E402
 from vlmprune.kernels.pool import pool_plan  # noqa: E402
 from vlmprune.scorers import EncoderInfo, Request, Signals, available_methods, build_scorer  # noqa: E402
-from vlmprune.scorers import base as scorer_base  # noqa: E402
 from vlmprune.scorers.cdpruner import CDPrunerScorer, conditional_kernel, relevance  # noqa: E402
 
 INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
@@ -301,23 +300,10 @@ def eager_group_graphs(model, call: str, pixels: torch.Tensor, thw: torch.Tensor
     computes them (captured from the modeling module's eager function, one call per attended
     sequence, in the blocks' order), put together block-diagonally over all patches, summed over
     key merge groups and averaged over query groups, in the merger's output order."""
+    from tests.test_qwen import eager_block_weights
+
     visual = model.model.visual
-    module = sys.modules[type(visual.blocks[layer].attn).__module__]
-    target, weights = visual.blocks[layer].attn, []
-    original = module.eager_attention_forward
-
-    def spy(mod, *args, **kwargs):
-        out, w = original(mod, *args, **kwargs)
-        if mod is target:
-            weights.append(w[0].float())
-        return out, w
-
-    module.eager_attention_forward = spy
-    try:
-        with torch.no_grad():
-            getattr(model.model, call)(pixels, thw)
-    finally:
-        module.eager_attention_forward = original
+    weights = eager_block_weights(model, call, pixels, thw, layer)
     s = int(thw.prod(-1).sum())
     heads = weights[0].shape[0]
     full = torch.zeros(heads, s, s)

@@ -206,11 +206,10 @@ def test_left_padded_batch_generates_as_rows_alone(family, method):
             assert torch.equal(out[i], alone), (i, out[i], alone)
 
 
-def received_reference(model, inputs, layer):
-    """Eager reference for `cls`: the softmax weights of vision block `layer` as the model's own
-    eager attention computes them (captured from the modeling module's eager function), averaged
-    over heads and queries within each attended sequence, pooled over each 2x2 merge group (in
-    the merger's output order), per image."""
+def eager_block_weights(model, call: str, pixels: torch.Tensor, thw: torch.Tensor, layer: int) -> list[torch.Tensor]:
+    """The softmax weights of vision block `layer`, [H, n, n] per attended sequence in the blocks'
+    order, as the model's own eager attention computes them (captured from the modeling module's
+    eager function while `model.model.<call>` encodes)."""
     import sys
 
     visual = model.model.visual
@@ -221,16 +220,25 @@ def received_reference(model, inputs, layer):
     def spy(mod, *args, **kwargs):
         out, w = original(mod, *args, **kwargs)
         if mod is target:
-            weights.append(w)
+            weights.append(w[0].float())
         return out, w
 
     module.eager_attention_forward = spy
     try:
         with torch.no_grad():
-            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            getattr(model.model, call)(pixels, thw)
     finally:
         module.eager_attention_forward = original
-    per_patch = torch.cat([w[0].float().mean(dim=(0, 1)) for w in weights])  # [S] in the blocks' order
+    return weights
+
+
+def received_reference(model, inputs, layer):
+    """Eager reference for `cls`: the softmax weights of vision block `layer` (`eager_block_weights`)
+    averaged over heads and queries within each attended sequence, pooled over each 2x2 merge group
+    (in the merger's output order), per image."""
+    visual = model.model.visual
+    weights = eager_block_weights(model, "get_image_features", inputs["pixel_values"], inputs["image_grid_thw"], layer)
+    per_patch = torch.cat([w.mean(dim=(0, 1)) for w in weights])  # [S] in the blocks' order
     groups = per_patch.view(-1, 4).mean(1)
     if hasattr(visual, "fullatt_block_indexes"):
         from transformers.vision_utils import get_vision_window_index
