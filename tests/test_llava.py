@@ -31,25 +31,28 @@ def image_features(model, pv: torch.Tensor) -> list[torch.Tensor]:
         return list(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
 
 
-def oracle_row(model, ids: list[int], feats: list[torch.Tensor], kept: list[torch.Tensor], positions: str):
-    """The unpatched model fed one prompt with only the kept visual tokens, built by hand."""
+def kept_prompt(model, ids: list[int], rows: list[torch.Tensor], kept: list[torch.Tensor]):
+    """One prompt with only the kept visual tokens, by hand: its embeddings [1, L', D] (image i's
+    kept places take `rows[i]`, one row per kept token) and each place's column in the prompt."""
     embed = model.get_input_embeddings()
-    parts, pos, img, i, p = [], [], 0, 0, 0
+    parts, cols, img, i = [], [], 0, 0
     while i < len(ids):
         if ids[i] == IMAGE_TOKEN:
-            sel = kept[img]
-            parts.append(feats[img][sel])
-            pos += (p + sel).tolist()
+            parts.append(rows[img])
+            cols += (i + kept[img]).tolist()
             i += N_VIS
-            p += N_VIS
             img += 1
         else:
             parts.append(embed(torch.tensor([ids[i]])))
-            pos.append(p)
+            cols.append(i)
             i += 1
-            p += 1
-    embeds = torch.cat(parts)[None]
-    position_ids = torch.tensor([pos]) if positions == "original" else None
+    return torch.cat(parts)[None], cols
+
+
+def oracle_row(model, ids: list[int], feats: list[torch.Tensor], kept: list[torch.Tensor], positions: str):
+    """The unpatched model fed one prompt with only the kept visual tokens, built by hand."""
+    embeds, cols = kept_prompt(model, ids, [f[k] for f, k in zip(feats, kept)], kept)
+    position_ids = torch.tensor([cols]) if positions == "original" else None
     with torch.no_grad():
         return model(inputs_embeds=embeds, position_ids=position_ids).logits[0]
 

@@ -8,6 +8,7 @@ import torch
 
 import vlmprune
 from tests.conftest import IMAGE_TOKEN, N_VIS, pixels, prompt, tiny_llava
+from tests.test_llava import kept_prompt
 from vlmprune.adapters.base import run_scorer
 
 
@@ -34,20 +35,10 @@ def test_llava_loss_and_gradients_equal_the_oracle(method):
     signals = adapter.prefill_signals(prompt_, adapter.encode(inputs, prompt_))
     idx, placed = run_scorer(adapter.stage.scorer, signals, signals.features, torch.tensor([5, 5]))
     vlmprune.unpatch(model)
-    cols, parts, img, i = [], [], 0, 0
-    embed = model.get_input_embeddings()
-    while i < len(ids):
-        if ids[i] == IMAGE_TOKEN:
-            assert torch.equal(idx[img][: len(kept[img])], kept[img])
-            parts.append(placed[img, : len(kept[img])])
-            cols += (i + kept[img]).tolist()
-            i += N_VIS
-            img += 1
-        else:
-            parts.append(embed(torch.tensor([ids[i]])))
-            cols.append(i)
-            i += 1
-    ref = model(inputs_embeds=torch.cat(parts)[None], labels=labels[:, cols]).loss
+    for img, sel in enumerate(kept):
+        assert torch.equal(idx[img][: len(sel)], sel)
+    embeds, cols = kept_prompt(model, ids, [placed[img, : len(sel)] for img, sel in enumerate(kept)], kept)
+    ref = model(inputs_embeds=embeds, labels=labels[:, cols]).loss
     ref.backward()
     want = grads(model)
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)

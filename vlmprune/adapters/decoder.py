@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmprune.adapters.vit import Tap
+from vlmprune.adapters.vit import Tap, Wrap
 from vlmprune.kernels import select_tokens
 from vlmprune.kernels.select import to_device
 from vlmprune.scorers.base import EncoderInfo, Scorer, Signals
@@ -101,7 +101,7 @@ class DecoderStages:
             raise ValueError(f"a decoder stage at layer {self.points[0].layer}: this model adds deepstack visual "
                              f"features after decoder layers 0..{len(deep) - 1}; put the stage at layer >= {len(deep)}")
         self.run: Run | None = None
-        self.saved: list[tuple[nn.Module, Any]] = []
+        self.wraps: list[Wrap] = []
         self.taps: dict[int, Tap] = {}
 
     # --- install -------------------------------------------------------------------------
@@ -122,18 +122,11 @@ class DecoderStages:
                 self._wrap(layer, functools.partial(self._layer, idx))
 
     def uninstall(self) -> None:
-        for module, saved in reversed(self.saved):
-            if saved is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = saved
-        self.saved = []
+        while self.wraps:  # last in, first out: wrappers on one module unwind in order
+            self.wraps.pop().remove()
 
     def _wrap(self, module: nn.Module, fn: Callable) -> None:
-        saved = module.__dict__.get("forward")
-        self.saved.append((module, saved))
-        own = saved or functools.partial(type(module).forward, module)
-        module.__dict__["forward"] = functools.partial(fn, own)
+        self.wraps.append(Wrap(module, fn))
 
     # --- signals --------------------------------------------------------------------------
     def _keys(self, idx: int, k: torch.Tensor) -> None:
@@ -171,8 +164,8 @@ class DecoderStages:
             run.transition_sums[idx][:, which] = weight.sum(1)
         return out
 
-    def text_attention(self, idx: int, query: str, visual: torch.Tensor, text_after: torch.Tensor | None,
-                       mask: torch.Tensor | None, own: tuple | None = None) -> torch.Tensor:
+    def text_attention(self, idx: int, query: str, text_after: torch.Tensor | None, mask: torch.Tensor | None,
+                       own: tuple | None = None) -> torch.Tensor:
         """[B, L] float32 head-mean softmax attention from the query rows of layer `idx` to every
         column: the last column's row (`query="last"`), or the mean of the rows of the text tokens
         after each row's last visual token (`"text"`; `text_after` [B, L] bool). From what the
@@ -241,15 +234,16 @@ class DecoderStages:
             run.places = to_device(torch.from_numpy(flat), device)
         counts, places = run.counts, run.places  # [I, N] flat places in [B, L] (-1 pad), on the device
         kept = [point.kept(n, n0) for n, n0 in zip(counts, run.first)]
+        at_places, row_of = places.clamp(min=0), to_device(run.rows, device)  # each image's row
         signals = Signals(n_valid=to_device(counts, device), grid=(1, places.shape[1]), info=self.info,
-                          counts=tuple(counts), features=hidden.reshape(b * length, -1)[places.clamp(min=0)])
+                          counts=tuple(counts), features=hidden.reshape(b * length, -1)[at_places])
         request = point.scorer.needs(self.info)
         # after an earlier cut the layers take the shortened sequence's rotary embeddings and ids
         rotary = run.current.get("position_embeddings", kwargs["position_embeddings"])
         ids = run.current.get("position_ids", kwargs.get("position_ids"))
         for layer, moved in run.transitions.items():
-            signals.transitions[layer] = moved.reshape(b * length, 2, 2)[places.clamp(min=0)]
-            signals.transition_sums[layer] = run.transition_sums[layer][to_device(run.rows, device)]
+            signals.transitions[layer] = moved.reshape(b * length, 2, 2)[at_places]
+            signals.transition_sums[layer] = run.transition_sums[layer][row_of]
         visual = mark(torch.zeros(b * length, dtype=torch.bool, device=device), places, True).view(b, length)
         if point.layer in request.text_attn or point.layer - 1 in request.text_attn:
             at = point.layer if point.layer in request.text_attn else point.layer - 1
@@ -260,9 +254,8 @@ class DecoderStages:
                 if mask is not None:
                     text_after &= mask.bool()
             own = (hidden, rotary) if at == point.layer else None
-            rows = self.text_attention(at, request.text_query, visual, text_after, mask, own)  # [B, L]
-            row_of = to_device(run.rows, device)
-            signals.text_attn[at] = rows[row_of[:, None], (places.clamp(min=0) % length)].masked_fill(places < 0, 0)
+            rows = self.text_attention(at, request.text_query, text_after, mask, own)  # [B, L]
+            signals.text_attn[at] = rows[row_of[:, None], at_places % length].masked_fill(places < 0, 0)
         if type(point.scorer).select is Scorer.select:
             chosen, _ = select_tokens(point.scorer.score(signals).float(), None, torch.tensor(kept), torch.tensor(counts))
         else:

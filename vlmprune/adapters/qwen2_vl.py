@@ -35,7 +35,7 @@ from torch import nn
 from vlmprune.adapters.base import (
     Adapter, DecodeState, Encoded, Prompt, find_cache, kept_rows, register_adapter, stack_padded,
 )
-from vlmprune.adapters.vit import Tap, detached, pad_graphs
+from vlmprune.adapters.vit import Tap, Wrap, detached, pad_graphs
 from vlmprune.kernels.received import received_attention
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
@@ -274,24 +274,9 @@ def prompt_order(prompt: Prompt, token_ids: tuple[int, ...], sizes: dict[str, li
     return order
 
 
-class ArgTap:
-    """A `forward` set on an attention module's instance that records the sequence bounds and
-    rotary embeddings it is called with (then runs the module's forward unchanged)."""
-
-    def __init__(self, module: nn.Module, seen: dict[str, Any]):
-        self.module, self.seen = module, seen
-        self.saved = module.__dict__.get("forward")
-        own = self.saved or functools.partial(type(module).forward, module)
-        module.__dict__["forward"] = functools.partial(_record_args, own, seen)
-
-    def remove(self) -> None:
-        if self.saved is None:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.__dict__["forward"] = self.saved
-
-
-def _record_args(forward: Callable, seen: dict[str, Any], hidden_states, *args, **kwargs):
+def _record_args(seen: dict[str, Any], forward: Callable, hidden_states, *args, **kwargs):
+    """An attention block's forward (see `Wrap`) that records the sequence bounds and rotary
+    embeddings it is called with, then runs unchanged."""
     seen["cu_seqlens"] = kwargs.get("cu_seqlens", args[0] if args else None)
     seen["rotary"] = kwargs.get("position_embeddings")
     return forward(hidden_states, *args, **kwargs)
@@ -316,7 +301,7 @@ class QwenTaps:
         try:
             for layer in self.layers:
                 attn = self.visual.blocks[layer].attn
-                taps.append(ArgTap(attn, seen[layer]))
+                taps.append(Wrap(attn, functools.partial(_record_args, seen[layer])))
                 qkv = Tap(attn.qkv, functools.partial(seen[layer].__setitem__, "qkv"))
                 qkv.put()
                 taps.append(qkv)
@@ -402,16 +387,22 @@ def segment_received(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads:
     """[S] float32: for every token, the head- and query-mean softmax attention it receives within
     its attention sequence ([bounds[i], bounds[i+1]) as the block's cu_seqlens say). Sequences of
     one length go together (one image's frames, same-size images), each computed in query chunks."""
-    s = q.shape[0]
-    out = torch.zeros(s, dtype=torch.float32, device=q.device)
-    lengths = np.diff(np.asarray(bounds))
-    starts = np.asarray(bounds[:-1])
-    for n in np.unique(lengths):
-        if n == 0:
-            continue
-        rows = torch.from_numpy(starts[lengths == n][:, None] + np.arange(n)[None, :]).to(q.device)  # [G, n]
+    out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    for _, rows in same_length_sequences(bounds, q.device):
         out[rows.reshape(-1)] = received_attention(q[rows], k[rows], heads, scale).reshape(-1)
     return out
+
+
+def same_length_sequences(bounds: list[int], device) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """The attention sequences ([bounds[i], bounds[i+1]) as a block's cu_seqlens say) grouped by
+    length: per length n, the sequences' first tokens (host) and their token rows [G, n] on `device`."""
+    lengths, starts = np.diff(np.asarray(bounds)), np.asarray(bounds[:-1])
+    groups = []
+    for n in np.unique(lengths):
+        if n > 0:
+            first = starts[lengths == n]
+            groups.append((first, torch.from_numpy(first[:, None] + np.arange(n)[None, :]).to(device)))
+    return groups
 
 
 def segment_graph(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: int, scale: float, unit: int,
@@ -425,13 +416,8 @@ def segment_graph(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: in
     h = 1 if mean_heads else heads
     graphs = [torch.zeros(h, n, n, dtype=torch.float32, device=q.device) for n in sizes]
     item_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * unit  # first patch of each item
-    lengths = np.diff(np.asarray(bounds))
-    starts = np.asarray(bounds[:-1])
-    for n in np.unique(lengths):
-        if n == 0:
-            continue
-        first = starts[lengths == n]
-        rows = torch.from_numpy(first[:, None] + np.arange(n)[None, :]).to(q.device)  # [G, n]
+    for first, rows in same_length_sequences(bounds, q.device):
+        n = rows.shape[1]
         g = attention_graph_ref(q[rows], k[rows], heads, scale, group=unit, mean_heads=mean_heads)
         for j, b0 in enumerate(first.tolist()):
             item = int(np.searchsorted(item_start, b0, side="right")) - 1

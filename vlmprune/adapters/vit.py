@@ -153,6 +153,25 @@ class Tap:
         self.saved = None
 
 
+class Wrap:
+    """A `forward` set on a module's instance so that `fn(forward, *args, **kwargs)` runs in its
+    place, `forward` being the one that was there (an instance forward such as accelerate's hooks,
+    or the class's); `remove()` puts that back. For wrappers that need the call's arguments (a
+    `Tap` sees only the output)."""
+
+    def __init__(self, module: nn.Module, fn: Callable):
+        self.module = module
+        self.saved = module.__dict__.get("forward")
+        own = self.saved or functools.partial(type(module).forward, module)
+        module.__dict__["forward"] = functools.partial(fn, own)
+
+    def remove(self) -> None:
+        if self.saved is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.saved
+
+
 def tap(module: nn.Module, seen: Callable[[Any], None]) -> Tap:
     """Make `module` hand every output of its forward to `seen` until the returned `Tap` is removed."""
     handle = Tap(module, seen)
