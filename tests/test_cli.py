@@ -154,12 +154,29 @@ def test_sweep_records_failing_items_and_goes_on(tmp_path):
         assert "missing.png" in recs["2"]["error"] and "UnidentifiedImageError" in recs["3"]["error"]
 
 
+def block_image(path, rows: int, cols: int, px: int):
+    """A PNG of rows x cols blocks of px x px pixels, one random colour each (seeded): its pixels
+    [rows * px, cols * px, 3] and the path."""
+    colours = torch.randint(0, 256, (rows, cols, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    arr = colours.repeat_interleave(px, 0).repeat_interleave(px, 1).numpy()
+    Image.fromarray(arr).save(path)
+    return arr, path
+
+
+def assert_kept_blocks_shown(got: np.ndarray, arr: np.ndarray, kept: set[int], cols: int, px: int) -> None:
+    """Every px x px block of the overlay is the image's own where its token was kept, dimmed by
+    DIM elsewhere (token i is block divmod(i, cols))."""
+    assert got.shape == arr.shape
+    dimmed = (arr.astype(np.float64) * DIM).round().astype(np.uint8)
+    for i in range(arr.shape[0] // px * cols):
+        r, c = divmod(i, cols)
+        block = (slice(px * r, px * r + px), slice(px * c, px * c + px))
+        assert np.array_equal(got[block], (arr if i in kept else dimmed)[block]), (i, i in kept)
+
+
 def test_show_dims_exactly_the_pruned_patches(tmp_path, vlm):
     # one random colour per 14 px patch of a 336 px image (the tiny model's input size: no resize)
-    colours = torch.randint(0, 256, (24, 24, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-    arr = colours.repeat_interleave(14, 0).repeat_interleave(14, 1).numpy()
-    src = tmp_path / "in.png"
-    Image.fromarray(arr).save(src)
+    arr, src = block_image(tmp_path / "in.png", 24, 24, 14)
     res = invoke("show", src, "--model", "tiny", "--method", "cls", "--keep", 50, "--device", "cpu",
                  "-o", tmp_path / "out.png")
     assert res.exit_code == 0, res.output
@@ -167,14 +184,7 @@ def test_show_dims_exactly_the_pruned_patches(tmp_path, vlm):
     with vlmprune.pruning(vlm.model, "cls", keep=50), torch.no_grad():
         vlm.model(**vlm.inputs([Image.open(src)], ["Describe the image."]))
         kept = set(vlmprune.last_selection(vlm.model)[0][0].tolist())
-    got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
-    assert got.shape == arr.shape
-    dimmed = (arr.astype(np.float64) * DIM).round().astype(np.uint8)
-    for i in range(N):
-        r, c = divmod(i, 24)
-        block = (slice(14 * r, 14 * r + 14), slice(14 * c, 14 * c + 14))
-        want = arr if i in kept else dimmed
-        assert np.array_equal(got[block], want[block]), (i, i in kept)
+    assert_kept_blocks_shown(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), arr, kept, 24, 14)
     assert len(kept) == 50
 
 
@@ -345,10 +355,7 @@ def test_show_on_qwen_draws_the_image_s_own_token_grid(tmp_path, qwen):
     """A 504 x 224 px image is kept at its size by the processor (504 x 224 = 336^2, its min = max
     pixels): 8 x 18 tokens of 28 x 28 px (a square grid would be 12 x 12); each block is the
     image's own colours where the token was kept, dimmed elsewhere."""
-    colours = torch.randint(0, 256, (8, 18, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-    arr = colours.repeat_interleave(28, 0).repeat_interleave(28, 1).numpy()
-    src = tmp_path / "wide.png"
-    Image.fromarray(arr).save(src)
+    arr, src = block_image(tmp_path / "wide.png", 8, 18, 28)
     res = invoke("show", src, "--model", "shapes-qwen2-vl", "--method", "cls", "--keep", 36, "--device", "cpu",
                  "-o", tmp_path / "out.png")
     assert res.exit_code == 0, res.output
@@ -358,13 +365,8 @@ def test_show_on_qwen_draws_the_image_s_own_token_grid(tmp_path, qwen):
     with vlmprune.pruning(qwen.model, "cls", keep=36), torch.no_grad():
         qwen.model(**inputs)
         kept = set(vlmprune.last_selection(qwen.model)[0][0].tolist())
-    got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
-    assert got.shape == arr.shape and len(kept) == 36
-    dimmed = (arr.astype(np.float64) * DIM).round().astype(np.uint8)
-    for i in range(144):
-        r, c = divmod(i, 18)
-        block = (slice(28 * r, 28 * r + 28), slice(28 * c, 28 * c + 28))
-        assert np.array_equal(got[block], (arr if i in kept else dimmed)[block]), (i, i in kept)
+    assert len(kept) == 36
+    assert_kept_blocks_shown(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), arr, kept, 18, 28)
 
 
 def test_sweep_on_qwen_skips_flowcut_and_draws_overlays(tmp_path, qwen):
