@@ -121,6 +121,15 @@ class Encoded:
     outputs: dict[str, Any]
     kinds: list[str] | None = None  # per item: "image" or "video" (None: all images)
     index: list[int] | None = None  # per item: its place among the items of its kind
+    structure: list[int] | None = None
+    """Per item, its placeholder tokens that are structure, not visual tokens (LLaVA-NeXT's
+    `image_newline`): never scored or counted, always kept; `feats` hold the visual tokens only and
+    the family places the structure rows (`pruned_inputs`). None: none."""
+
+    def runs(self) -> list[int]:
+        """Placeholder tokens of each item in the prompt: its visual tokens plus its structure tokens."""
+        extra = self.structure or [0] * len(self.feats)
+        return [int(f.shape[0]) + e for f, e in zip(self.feats, extra)]
 
 
 class Adapter:
@@ -343,8 +352,7 @@ class Adapter:
         the scorer asks for them."""
         signals = self.signals_for(enc.feats, enc.grids)
         if self.request.text_embeds:
-            per_image = [int(f.shape[0]) for f in enc.feats]
-            rows = images_by_row(prompt.row_counts, per_image)
+            rows = images_by_row(prompt.row_counts, enc.runs())
             signals.text_embeds, signals.text_counts = self.text_embeddings(prompt, rows, signals.features.device)
         return signals
 
@@ -494,13 +502,14 @@ class Adapter:
         enc = self.encode(inputs, prompt)
         feats = enc.feats
         per_image = [int(f.shape[0]) for f in feats]
-        if sum(prompt.row_counts) != sum(per_image):
+        runs = enc.runs()  # placeholder tokens per item (= per_image unless the family has structure tokens)
+        if sum(prompt.row_counts) != sum(runs):
             raise ValueError(
                 f"vlmprune: the prompt holds {sum(prompt.row_counts)} image tokens but the images give "
-                f"{sum(per_image)} visual tokens ({per_image}); check the processor output"
+                f"{sum(runs)} visual tokens ({runs}); check the processor output"
             )
         kept = [self.config.kept(n) for n in per_image]
-        rows = images_by_row(prompt.row_counts, per_image)
+        rows = images_by_row(prompt.row_counts, runs)
         if kept == per_image or self.stage is None:
             self._last = [[torch.arange(per_image[i]) for i in row] for row in rows]
             b, length = prompt.ids.shape
@@ -511,8 +520,9 @@ class Adapter:
                 run.length = length
             return self.run_decoder(orig, self.unpruned_inputs(inputs, enc), run)
 
-        layout = plan_layout(prompt.ids, prompt.is_visual, per_image, kept, prompt.right_padded, prompt.mask,
-                             columns=self.needs_columns(inputs))
+        extra = [r - n for r, n in zip(runs, per_image)]  # structure tokens: kept, placed by `pruned_inputs`
+        layout = plan_layout(prompt.ids, prompt.is_visual, runs, [k + e for k, e in zip(kept, extra)],
+                             prompt.right_padded, prompt.mask, columns=self.needs_columns(inputs))
         signals = self.prefill_signals(prompt, enc)
         k = torch.tensor(kept)  # on the host: the kernels read budgets without a device sync
         idx, visual = run_scorer(self.stage.scorer, signals, signals.features, k)
