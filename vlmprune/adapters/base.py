@@ -45,6 +45,39 @@ class DecodeState:
     removed: torch.Tensor
     positions: str  # "compact" / "original" (1-D ids), or "mrope": the family maps them (Qwen)
     rope_deltas: torch.Tensor | None = None  # M-RoPE: [B, 1] next id - attended tokens, per row
+    turns: int = 0  # later chat turns (calls with images on a non-empty cache) merged in, see `Turn`
+
+
+@dataclass
+class Turn:
+    """A later chat turn: a call with images that continues a non-empty KV cache of `past` tokens.
+    Its new tokens are pruned as a prefill of their own; the cache is left as it is."""
+
+    given: dict[str, Any]  # the call as made (what runs when nothing is pruned, now or before)
+    prior: DecodeState | None  # the cache's state (None: nothing in it was pruned)
+    past: int
+    past_mask: torch.Tensor | None  # [B, past] the cache's 2-D mask (None: all attended)
+
+    def join(self, mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
+        """The mask of the cache followed by the new tokens' [B, width] (None: all attended)."""
+        if mask is None and self.past_mask is None:
+            return None
+        like = mask if mask is not None else self.past_mask
+        head = self.past_mask if self.past_mask is not None else like.new_ones(like.shape[0], self.past)
+        tail = mask if mask is not None else like.new_ones(like.shape[0], width)
+        return torch.cat([head.to(tail.device, tail.dtype), tail], dim=1)
+
+    def state(self, chunk: DecodeState) -> DecodeState:
+        """The cache's state after this turn, from the state of its new tokens alone (`chunk`): the
+        pruned cache's columns stand for the unpruned conversation's up to the turn's end."""
+        prior = self.prior or DecodeState(self.past, self.past, None, torch.zeros_like(chunk.removed), chunk.positions)
+        deltas = chunk.rope_deltas
+        if deltas is not None:  # the chunk's counted its own attended tokens only
+            seen = self.past_mask.sum(1) if self.past_mask is not None else torch.full_like(deltas[:, 0], self.past)
+            deltas = deltas - seen.to(deltas.device, deltas.dtype)[:, None]
+        return DecodeState(prior.orig_len - prior.new_len + self.past + chunk.orig_len, self.past + chunk.new_len,
+                           self.join(chunk.mask, chunk.new_len), prior.removed.to(chunk.removed.device) + chunk.removed,
+                           chunk.positions, deltas, prior.turns + 1)
 
 
 def find_cache(inputs: dict[str, Any]) -> Any:
@@ -308,12 +341,15 @@ class Adapter:
     def signals_for(self, feats: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> Signals:
         """The recorded signals of these images as one padded `Signals`: the encoder call's own
         batched tensors when `feats` are its images in order (the prefill's case: no copy),
-        else their rows stacked. `grids`: each image's token grid (default: the encoder's)."""
+        else their rows stacked. `grids`: each image's token grid (default: the encoder's), with a
+        third entry for a video's frame count."""
         padded = stack_padded(feats)
         n = padded.shape[1]
         counts = tuple(int(f.shape[0]) for f in feats)
         if grids is None:
             grids = [self.image_grid(c) for c in counts]
+        frames = tuple(g[2] if len(g) > 2 else 1 for g in grids)  # a video's grid: (t*h, w, t)
+        grids = [tuple(g[:2]) for g in grids]
         signals = Signals(
             n_valid=to_device(counts, padded.device),
             grid=grids[0] if grids and all(g == grids[0] for g in grids) and grids[0][0] * grids[0][1] == n else (1, n),
@@ -321,6 +357,7 @@ class Adapter:
             features=padded,
             counts=counts,
             grids=tuple(grids),
+            frames=frames,
         )
         wanted = [name for name in SIGNAL_NAMES if getattr(self.request, name)]
         if not wanted:
@@ -409,10 +446,7 @@ class Adapter:
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         if self.has_visual_input(inputs):
             if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(
-                    "vlmprune: images in a call that continues a non-empty KV cache are not supported; "
-                    "start a new cache for each prompt with images"
-                )
+                return self.continue_turn(orig, inputs, cache.get_seq_length(), state)
             return self.prefill(orig, inputs)
         if state is not None:
             inputs = self.decode_inputs(state, inputs)
@@ -423,6 +457,64 @@ class Adapter:
                 mask = None
             return self.run_decoder(orig, inputs, Run(False, mask, cuts=cuts[1], length=cuts[0]))
         return orig(**inputs)
+
+    def continue_turn(self, orig: Callable, inputs: dict[str, Any], past: int, state: DecodeState | None):
+        """A call with images that continues a non-empty KV cache of `past` tokens (a later chat turn,
+        DESIGN §2): its new tokens are pruned as a prefill of their own, with the mask the caller gives
+        for the whole unpruned conversation mapped onto the pruned cache, and positions that continue
+        the cache's (`turn_positions`)."""
+        if self.decoder is not None:
+            raise ValueError("vlmprune: decoder stages in a call with images that continues a non-empty KV cache are "
+                             "not supported; use a vision-stage method for multi-turn chat, or start a new cache")
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ValueError("vlmprune: pruning needs input_ids to find the image tokens; got inputs_embeds only")
+        q, mask = ids.shape[1], inputs.get("attention_mask")
+        if generated_4d(mask) or (mask is not None and mask.ndim != 2):
+            raise ValueError(f"vlmprune: a call with images that continues a KV cache needs a 2-D attention_mask over "
+                             f"the whole conversation (or none); got shape {tuple(mask.shape)} (a static cache?)")
+        if state is not None:
+            mask = cache_mask(state, mask, past, q)
+        chunk = dict(inputs, attention_mask=None if mask is None else mask[:, past:])
+        chunk["position_ids"] = self.turn_positions(inputs, state, past, mask)
+        return self.prefill(orig, chunk, Turn(inputs, state, past, None if mask is None else mask[:, :past]))
+
+    def turn_positions(self, inputs: dict[str, Any], state: DecodeState | None, past: int,
+                       mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A later turn's position ids before its images are pruned (None: the decoder's own, after
+        the pruned cache): `compact` the caller's (unpruned) ids less the tokens pruned before;
+        `original` the caller's, or without them the unpruned conversation's next ids."""
+        pos, ids = inputs.get("position_ids"), inputs["input_ids"]
+        if self.config.positions == "compact":
+            return pos if pos is None or state is None else pos - state.removed.to(pos.device)[:, None]
+        if pos is None:
+            start = past + (0 if state is None else state.orig_len - state.new_len)
+            pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        return pos
+
+    def chunk_deltas(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """M-RoPE families: [B, 1] next id - attended tokens of a prefill's ids (None: 1-D positions)."""
+        return None
+
+    def unpruned_turn(self, orig: Callable, inputs: dict[str, Any], enc: Encoded, turn: Turn):
+        """A later turn whose images keep every token: as the caller made it when nothing in the cache
+        was pruned either; else on the pruned cache, its state extended over the new tokens."""
+        if turn.prior is None:
+            return orig(**self.unpruned_inputs(turn.given, enc))
+        q, mask = inputs["input_ids"].shape[1], inputs.get("attention_mask")
+        call = self.unpruned_inputs(inputs, enc)
+        call["attention_mask"] = turn.join(mask, q)
+        chunk = DecodeState(q, q, mask, torch.zeros_like(turn.prior.removed), turn.prior.positions,
+                            self.chunk_deltas(inputs.get("position_ids"), mask))
+        return self.finish_prefill(orig(**call), turn.state(chunk))
+
+    def finish_prefill(self, result: Any, state: DecodeState) -> Any:
+        """`result` of a pruned prefill (or later turn), its cache carrying `state` for the calls after."""
+        cache = output_cache(result)
+        if cache is not None:
+            setattr(cache, STATE_ATTR, state)
+        self.after_prefill(state)
+        return result
 
     def run_decoder(self, orig: Callable, call: dict[str, Any], run: Run | None):
         """`orig(**call)` with the decoder stages acting inside it (`run`; None: none act)."""
@@ -497,7 +589,8 @@ class Adapter:
         feats = list(encoded.pooler_output)
         return Encoded(feats, [self.image_grid(int(f.shape[0])) for f in feats], {"image": encoded})
 
-    def prefill(self, orig: Callable, inputs: dict[str, Any]):
+    def prefill(self, orig: Callable, inputs: dict[str, Any], turn: Turn | None = None):
+        """A prefill with images (`turn`: a later turn's new tokens, see `continue_turn`)."""
         prompt = self.read_prompt(inputs)
         enc = self.encode(inputs, prompt)
         feats = enc.feats
@@ -518,6 +611,8 @@ class Adapter:
                                    inputs.get("attention_mask"), valid)
             if run is not None:
                 run.length = length
+            if turn is not None:
+                return self.unpruned_turn(orig, inputs, enc, turn)
             return self.run_decoder(orig, self.unpruned_inputs(inputs, enc), run)
 
         extra = [r - n for r, n in zip(runs, per_image)]  # structure tokens: kept, placed by `pruned_inputs`
@@ -533,16 +628,14 @@ class Adapter:
             self._last = self._last.resolve()  # the host has them anyway: check the plan at once
 
         call, state = self.pruned_inputs(inputs, layout, idx, visual, kept, enc)
+        if turn is not None:
+            call["attention_mask"] = turn.join(call.get("attention_mask"), layout.new_len)
+            state = turn.state(state)
         valid = layout.mask.sum(1).tolist() if layout.mask is not None else list(layout.lens)
         run = self.decoder_run(layout.visual, kept, rows, call.get("attention_mask"), valid)
         if run is not None:
             run.length = layout.new_len
-        result = self.run_decoder(orig, call, run)
-        cache = output_cache(result)
-        if cache is not None:
-            setattr(cache, STATE_ATTR, state)
-        self.after_prefill(state)
-        return result
+        return self.finish_prefill(self.run_decoder(orig, call, run), state)
 
     def needs_columns(self, inputs: dict[str, Any]) -> bool:
         """Whether the pruned layout must say each place's prompt column (positions, labels)."""
@@ -626,18 +719,8 @@ class Adapter:
             # a static cache: generate()'s 4-D mask is made for the unpruned length at the pruned
             # cache's offset; the new tokens are attended, so the prefill's mask says it all
             mask = inputs["attention_mask"] = None
-        if mask is not None:
-            expected = past + q + state.orig_len - state.new_len
-            if mask.shape[1] != expected:
-                raise ValueError(
-                    f"vlmprune: attention_mask has {mask.shape[1]} columns; after a pruned prefill of "
-                    f"{state.orig_len} tokens (kept {state.new_len}) it should have {expected}"
-                )
-            head = state.mask if state.mask is not None else mask.new_ones(mask.shape[0], state.new_len)
-            inputs["attention_mask"] = torch.cat([head.to(mask.dtype), mask[:, state.orig_len :]], dim=1)
-        elif state.mask is not None:
-            tail = state.mask.new_ones(state.mask.shape[0], past + q - state.new_len)
-            inputs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
+        if mask is not None or state.mask is not None:
+            inputs["attention_mask"] = cache_mask(state, mask, past, q)
         pos = inputs.get("position_ids")
         if pos is not None and state.positions == "compact":
             inputs["position_ids"] = pos - state.removed.to(pos.device)[:, None]
@@ -646,6 +729,24 @@ class Adapter:
             device = state.removed.device
             inputs["position_ids"] = (torch.arange(q, device=device) + start)[None, :]
         return inputs
+
+
+def cache_mask(state: DecodeState, mask: torch.Tensor | None, past: int, q: int) -> torch.Tensor | None:
+    """A call's 2-D mask over the unpruned conversation (None: all attended) mapped onto the pruned
+    cache of `past` tokens and the call's q new ones: [B, past + q] (None if all attended)."""
+    if mask is None:
+        if state.mask is None:
+            return None
+        return torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], past + q - state.new_len)], dim=1)
+    expected = past + q + state.orig_len - state.new_len
+    if mask.shape[1] != expected:
+        raise ValueError(
+            f"vlmprune: attention_mask has {mask.shape[1]} columns; after a pruned prefill of {state.orig_len} tokens "
+            f"(kept {state.new_len}) it should have {expected}: the unpruned conversation's length (a later turn "
+            f"passes only its new input_ids, with the whole conversation's mask)"
+        )
+    head = state.mask if state.mask is not None else mask.new_ones(mask.shape[0], state.new_len)
+    return torch.cat([head.to(mask.dtype), mask[:, state.orig_len :]], dim=1)
 
 
 def surviving(labels: torch.Tensor, cuts: list) -> torch.Tensor:

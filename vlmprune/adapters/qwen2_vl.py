@@ -113,10 +113,10 @@ class QwenVLAdapter(Adapter):
         super().uninstall()
         self._taps = None
 
-    def token_grids(self, thw: torch.Tensor) -> list[tuple[int, int]]:
-        """Each item's LLM-token grid (rows, columns) from its (t, h, w) patch grid, frames stacked."""
+    def token_grids(self, thw: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Each item's LLM-token grid (rows, columns, frames) from its (t, h, w) patch grid, frames stacked."""
         m = self.merge
-        return [(t * h // m, w // m) for t, h, w in thw.tolist()]
+        return [(t * h // m, w // m, t) for t, h, w in thw.tolist()]
 
     def encoder_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
         thw = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))
@@ -199,13 +199,34 @@ class QwenVLAdapter(Adapter):
             if layout.pads.size:
                 labels.view(-1)[torch.from_numpy(layout.pads).to(device)] = -100
             call["labels"] = labels
-        # decode steps continue at the unpruned ids: the next id is the largest kept one + 1
-        valid = mask.bool() if mask is not None else torch.ones(pos.shape[1:], dtype=torch.bool, device=device)
-        top = pos.masked_fill(~valid[None], torch.iinfo(pos.dtype).min).amax(dim=(0, 2))
         removed = layout.orig_len - np.asarray(layout.lens, dtype=np.int64)
         state = DecodeState(layout.orig_len, layout.new_len, mask, torch.from_numpy(removed).to(device), "mrope",
-                            rope_deltas=(top + 1 - valid.sum(1))[:, None])
+                            rope_deltas=self.chunk_deltas(pos, mask))
         return call, state
+
+    def chunk_deltas(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Decode steps continue at the unpruned ids: [B, 1] the largest attended id + 1 - the attended
+        tokens (a row with none attended: -1 - 0, as if its ids started at 0)."""
+        pos = position_ids if position_ids.ndim == 3 else position_ids[None]
+        pos = pos[-3:]
+        valid = mask.bool() if mask is not None else torch.ones(pos.shape[1:], dtype=torch.bool, device=pos.device)
+        top = pos.masked_fill(~valid[None].to(pos.device), -1).amax(dim=(0, 2))
+        return (top + 1 - valid.sum(1).to(top.device))[:, None]
+
+    def turn_positions(self, inputs: dict[str, Any], state: DecodeState | None, past: int,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """A later turn's M-RoPE ids [3, B, q]: the caller's 3-D ids, else those `get_rope_index` gives
+        these tokens in the whole unpruned conversation: the turn's own ids from 0, shifted to each
+        row's next id (its attended cached tokens + the cache's rope delta). generate() passes 4-D ids
+        made by HF's text rule (rope deltas added to 1-D ids, also for a new image): not these."""
+        pos = inputs.get("position_ids")
+        if pos is not None and pos.ndim == 3 and pos.shape[0] == 3:
+            return pos
+        own = self.full_positions(dict(inputs, position_ids=None, attention_mask=None if mask is None else mask[:, past:]))
+        deltas = state.rope_deltas if state is not None else self.model.model.rope_deltas
+        seen = mask[:, :past].sum(1) if mask is not None else torch.full((own.shape[1],), past)
+        start = seen.to(own.device) + (0 if deltas is None else deltas[:, 0].to(own.device))
+        return own + start[None, :, None]
 
     def kept_outputs(self, enc: Encoded, idx: torch.Tensor, rows: torch.Tensor, kept: list[int]) -> dict[str, Any]:
         """The encoder outputs of the kept tokens by kind, as HF's forward reads them: the kept (or
@@ -235,6 +256,9 @@ class QwenVLAdapter(Adapter):
     def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
         """generate() passes the unpruned ids (they stay right); without ids, each new token's id is
         its row's attended count so far (pruned cache) - 1 + the row's pruned rope delta."""
+        pos = inputs.get("position_ids")
+        if state.turns and pos is not None and pos.ndim == 3 and pos.shape[0] == 4:  # generate()'s, by HF's rule: see turn_positions
+            inputs = dict(inputs, position_ids=None)
         out = super().decode_inputs(state, inputs)
         if out.get("position_ids") is None and state.rope_deltas is not None:
             ids = out.get("input_ids")

@@ -81,7 +81,8 @@ class Signals:
     N visual tokens like `cls_attn`.
 
     `grids[i]` is image i's (rows, columns) token grid in raster order (a video's frames stacked
-    as rows: t*h x w); `grid` is the grid all images share, or (1, N) when they differ."""
+    as rows: t*h x w); `grid` is the grid all images share, or (1, N) when they differ;
+    `frames[i]` how many frames item i's rows stack (1 for an image; None: every item one frame)."""
 
     n_valid: torch.Tensor
     grid: tuple[int, int]
@@ -121,6 +122,11 @@ class Signals:
     non-visual tokens after the row's last visual token, in order), zero-padded; `text_counts[i]`
     says how many of the M are real. Not handed over by the adapters yet (CDPruner's signal)."""
     text_counts: tuple[int, ...] | None = None
+    frames: tuple[int, ...] | None = None
+
+    def item_frames(self) -> list[int]:
+        """Each item's frame count: `frames`, or 1 for every item."""
+        return list(self.frames) if self.frames is not None else [1] * self.num_images
 
     def image_grids(self) -> list[tuple[int, int]]:
         """Each image's (rows, columns) token grid: `grids`, or `grid` for every image."""
