@@ -1,4 +1,4 @@
-"""The `vlmprune` command: demo, sweep, show, bench, methods, models, lmms-task-path.
+"""The `vlmprune` command: demo, sweep, show, bench, calibrate, methods, models, lmms-task-path.
 
 Bad input (unknown method or model, keep < 0, missing or undecodable file, ...) ends with one
 line on stderr and exit status 2; set VLMPRUNE_DEBUG=1 for the traceback."""
@@ -249,6 +249,44 @@ def bench(
         "peak_mem_gib": "peak GiB", "kv_cache_mib": "KV MiB", "decoder_tflops": "TFLOPs",
         "prefill_speedup": "prefill x", "oracle_max_abs_logit_diff": "|Δlogit| vs oracle"})
     console.print(f"wrote {out}")
+
+
+@app.command()
+@friendly
+def calibrate(
+    method: str = typer.Option("vflowopt", help="method whose schedule is searched (vflowopt)"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    keep: int = typer.Option(64, help="visual tokens kept per image during the search"),
+    data: str | None = typer.Option(None, help="'shapes[:DIR]' or a JSONL of {image, question}; default: 'shapes' "
+                                                  "for an embedded model, else random images"),
+    limit: int = typer.Option(16, help="calibration items"),
+    trials: int = typer.Option(16, help="schedules tried (the first is the scorer's defaults)"),
+    seed: int = typer.Option(0),
+    layers: str | None = typer.Option(None, help="comma-separated cut layers (0-based) [the scorer's defaults]"),
+    batch_size: int = typer.Option(4, help="items per batch"),
+    out: Path = typer.Option(Path("vflowopt-schedule.json"), help="JSON schedule to write"),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+) -> None:
+    """Search a method's pruning schedule offline (VFlowOpt) and write it as JSON for `schedule=PATH`."""
+    from rich.progress import Progress
+
+    from vlmprune.eval.calibrate import CalibrateSpec, write_schedule
+    from vlmprune.eval.calibrate import calibrate as run_calibration
+    from vlmprune.eval.sweep import default_data
+
+    check_methods([method])
+    spec = CalibrateSpec(model=model, keep=keep, data=data if data is not None else default_data(model), limit=limit,
+                         trials=trials, seed=seed, batch_size=batch_size, layers=parse_list(layers, "--layers", int),
+                         device=device, dtype=dtype, method=method)
+    with Progress(console=console) as progress:
+        bar = progress.add_task("calibrate", total=trials)
+        result = run_calibration(spec, advance=lambda what: progress.update(bar, advance=1, description=what))
+    write_schedule(result, out)
+    console.print(f"{method} on {model}, keep {keep}, {result['items']} items: best mean cosine {result['score']:.4f} "
+                  f"(defaults {result['trials'][0]['score']:.4f}) with layers {result['layers']}, expand "
+                  f"{[round(e, 3) for e in result['expand']]}, threshold {result['threshold']:.3g}, alpha "
+                  f"{result['alpha']:.3g}; wrote {out}")
 
 
 @app.command()
