@@ -207,3 +207,109 @@ def qwen_inputs(rows: list[list[tuple[str, tuple[int, int, int]]]], *, patch_siz
     if pixels["video"]:
         out.update(pixel_values_videos=torch.cat(pixels["video"]), video_grid_thw=torch.tensor(grids["video"]))
     return out
+
+
+# --- any-resolution LLaVA families (LLaVA-NeXT, LLaVA-OneVision) -----------------------------------
+
+ANYRES_VIDEO = 98
+"""Video placeholder id of the tiny LLaVA-OneVision (images use `IMAGE_TOKEN`)."""
+ANYRES_PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # 1x2, 2x1 and 2x2 crops of the 28 px tower image
+
+
+def llava_next_config(family: str = "llava_next", attn: str = "sdpa", **overrides):
+    """A LLaVA-NeXT (CLIP + Llama) or LLaVA-OneVision (SigLIP + Qwen2, `full` features of the last
+    layer) config with the tiny LLaVA's sizes: 28 px views of 4x4 patches, crops on `ANYRES_PINPOINTS`.
+    `llava_next_7b_config()` gives LLaVA-NeXT-7B's shapes."""
+    import transformers
+
+    base = llava_config(attn=attn, **overrides)
+    vision, text = base.vision_config, base.text_config
+    common = {"text_config": text, "image_token_index": base.image_token_id,
+              "image_grid_pinpoints": [[s * vision.image_size // 28 for s in p] for p in ANYRES_PINPOINTS]}
+    if family == "llava_next":
+        cfg = transformers.LlavaNextConfig(vision_config=vision, vision_feature_layer=base.vision_feature_layer,
+                                           vision_feature_select_strategy=base.vision_feature_select_strategy,
+                                           **common)
+    elif family == "llava_onevision":
+        siglip = transformers.SiglipVisionConfig(**{k: getattr(vision, k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")})
+        qwen = transformers.Qwen2Config(**{k: getattr(text, k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")})
+        common.update(text_config=qwen)
+        cfg = transformers.LlavaOnevisionConfig(vision_config=siglip, video_token_index=ANYRES_VIDEO,
+                                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                                **common)
+    else:
+        raise ValueError(f"family must be one of ['llava_next', 'llava_onevision'], got {family!r}")
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def llava_next_7b_config(attn: str = "sdpa"):
+    """LLaVA-NeXT-7B (llava-v1.6-mistral-7b-hf shapes, a Llama-style 7B decoder): CLIP ViT-L/14 at 336 px
+    per view, crops on 336 px multiples up to 672x672 (a 672x672 image: 5 views, 2,880 visual tokens)."""
+    cfg = llava_next_config(
+        image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+        vision_intermediate=4096, text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=8,
+        text_intermediate=14336, vocab_size=32064, image_token_id=32000, attn=attn,
+    )
+    cfg.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    return cfg
+
+
+def tiny_llava_next(family: str = "llava_next", attn: str = "sdpa", seed: int = 0, **overrides):
+    """A random LLaVA-NeXT or LLaVA-OneVision of `llava_next_config`'s tiny sizes."""
+    import transformers
+
+    cls = {"llava_next": transformers.LlavaNextForConditionalGeneration,
+           "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}
+    cfg = llava_next_config(family, attn=attn, **overrides)
+    torch.manual_seed(seed)
+    model = cls[family](cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def anyres_inputs(model, rows: list[list[tuple[str, tuple[int, int]]]], *, seed: int = 0, before: int = 3,
+                  after: int = 4, vocab: int = 90) -> dict[str, torch.Tensor]:
+    """A left-padded batch for a tiny LLaVA-NeXT / OneVision: rows[b] lists the row's items as
+    ("image", (height, width)) or ("video", (frames, 0)), each item's placeholder run (as many
+    tokens as the model packs for it, newlines included) followed by a text token, amid random
+    text. Gives input_ids, attention_mask, pixel_values [images, views, 3, S, S], image_sizes
+    (OneVision: batch_num_images, and pixel_values_videos [videos, frames, 3, S, S])."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    side = vc.image_size
+    onevision = model.config.model_type == "llava_onevision"
+    sizes = [size for row in rows for kind, size in row if kind == "image"]
+    per_row = [sum(kind == "image" for kind, _ in row) for row in rows]
+    runs, pixels, videos = [], [], []
+    if sizes:
+        image_sizes = torch.tensor(sizes)
+        extra = {"batch_num_images": torch.tensor(per_row)} if onevision else {}
+        pixels = torch.randn(len(sizes), 5, 3, side, side, generator=g)
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes, return_dict=True, **extra)
+        runs = [int(f.shape[0]) for f in out.pooler_output]
+    pooled = -(-(side // vc.patch_size) // 2)  # OneVision pools each frame's patch grid 2x2 (ceil)
+    seqs, run_at = [], iter(runs)
+    for b, items in enumerate(rows):
+        ids = torch.randint(3, vocab, (before,), generator=g).tolist()
+        for kind, size in items:
+            if kind == "image":
+                ids += [model.config.image_token_id] * next(run_at)
+            else:
+                videos.append(torch.randn(size[0], 3, side, side, generator=g))
+                ids += [ANYRES_VIDEO] * (size[0] * pooled * pooled + 1)
+            ids += torch.randint(3, vocab, (1,), generator=g).tolist()
+        seqs.append(ids + torch.randint(3, vocab, (after + b,), generator=g).tolist())
+    input_ids, mask = left_pad(seqs)
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if sizes:
+        out.update(pixel_values=pixels, image_sizes=image_sizes)
+        if onevision:
+            out["batch_num_images"] = torch.tensor(per_row)
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos)
+    return out

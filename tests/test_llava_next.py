@@ -1,0 +1,392 @@
+"""LLaVA-NeXT / LLaVA-OneVision adapters against their oracles (tiny random models on CPU): nothing
+pruned == unpatched bit for bit; every vision method == the unpatched model fed only the kept
+visual tokens and every `image_newline` token by hand; a left-padded batch (two image sizes, a
+two-image row, a text-only row, a video row) generates as its rows alone; `cls` scores each view
+with its own CLS row (eager reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmprune
+from tests.test_qwen import placed
+from vlmprune.adapters.llava_next import LlavaNextAdapter, set_view_scores
+from vlmprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlmprune.eval.tiny import (
+    ANYRES_VIDEO,
+    IMAGE_TOKEN,
+    PAD,
+    anyres_inputs,
+    tiny_llava_next,
+)
+from vlmprune.scorers import scorer_class
+from vlmprune.scorers.simple import strided_grid
+from vlmprune.tables import support_text
+
+FAMILIES = ("llava_next", "llava_onevision")
+ADAPTERS = {"llava_next": LlavaNextAdapter, "llava_onevision": LlavaOnevisionAdapter}
+CLASSES = {
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+VISION_METHODS = [
+    m for m in vlmprune.available_methods() if scorer_class(m).stage == "vision"
+]
+
+
+def family_row(family: str) -> list:
+    """An image with crops (3 views, unpadded) and, on OneVision, a two-frame video after it."""
+    return [("image", (40, 60))] + (
+        [("video", (2, 0))] if family == "llava_onevision" else []
+    )
+
+
+def batch_rows(family: str) -> list[list]:
+    """Two image sizes, a two-image row, a text-only row and (OneVision) a video row."""
+    rows = [[("image", (40, 60))], [("image", (28, 28)), ("image", (60, 30))], []]
+    return rows + ([[("video", (2, 0))]] if family == "llava_onevision" else [])
+
+
+def hf_packed(model, inputs) -> list[torch.Tensor]:
+    """HF's own packed rows of each item (newlines included), images then videos (a row's order here)."""
+    with torch.no_grad():
+        out = []
+        if "pixel_values" in inputs:
+            extra = (
+                {"batch_num_images": inputs["batch_num_images"]}
+                if "batch_num_images" in inputs
+                else {}
+            )
+            out += list(
+                model.model.get_image_features(
+                    pixel_values=inputs["pixel_values"],
+                    image_sizes=inputs["image_sizes"],
+                    return_dict=True,
+                    **extra,
+                ).pooler_output
+            )
+        if "pixel_values_videos" in inputs:
+            out += list(
+                model.model.get_video_features(
+                    pixel_values_videos=inputs["pixel_values_videos"], return_dict=True
+                ).pooler_output
+            )
+    return out
+
+
+def newline_places(model, run: torch.Tensor) -> torch.Tensor:
+    """The places of a packed run that hold `image_newline` (found by value: no feature equals it)."""
+    return torch.nonzero(
+        (run == model.model.image_newline.to(run.dtype)).all(-1)
+    ).flatten()
+
+
+def visual_count(model, inputs) -> list[int]:
+    return [len(r) - len(newline_places(model, r)) for r in hf_packed(model, inputs)]
+
+
+def oracle_logits(
+    model, inputs, kept, feats, positions: str = "compact"
+) -> torch.Tensor:
+    """The unpatched model fed one prompt by hand: its text, and of each item's packed run the kept
+    visual tokens (with `feats`, the scorer's features for them) and every newline, in run order."""
+    ids = inputs["input_ids"][0].tolist()
+    embed = model.get_input_embeddings()
+    parts, cols, at, item = [], [], 0, 0
+    runs = hf_packed(model, inputs)
+    while at < len(ids):
+        if ids[at] in (IMAGE_TOKEN, ANYRES_VIDEO):
+            run = runs[item].clone()
+            lines = newline_places(model, run)
+            visual = torch.tensor(
+                [p for p in range(len(run)) if p not in set(lines.tolist())]
+            )
+            run[visual[kept[item]]] = feats[item]
+            places = torch.cat([visual[kept[item]], lines]).sort().values
+            parts.append(run[places])
+            cols += (at + places).tolist()
+            at += len(run)
+            item += 1
+        else:
+            parts.append(embed(torch.tensor([ids[at]])))
+            cols.append(at)
+            at += 1
+    position_ids = torch.tensor([cols]) if positions == "original" else None
+    with torch.no_grad():
+        return model(
+            inputs_embeds=torch.cat(parts)[None], position_ids=position_ids
+        ).logits[0]
+
+
+def join_rows(singles: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Single-row inputs as one left-padded batch (pixels zero-padded to the most views)."""
+    width = max(s["input_ids"].shape[1] for s in singles)
+    out: dict[str, list[torch.Tensor]] = {}
+    for s in singles:
+        gap = width - s["input_ids"].shape[1]
+        out.setdefault("input_ids", []).append(
+            torch.nn.functional.pad(s["input_ids"], (gap, 0), value=PAD)
+        )
+        out.setdefault("attention_mask", []).append(
+            torch.nn.functional.pad(s["attention_mask"], (gap, 0))
+        )
+        out.setdefault("batch_num_images", []).append(
+            s.get("batch_num_images", torch.zeros(1, dtype=torch.long))
+        )
+        for name in ("pixel_values", "image_sizes", "pixel_values_videos"):
+            if name in s:
+                out.setdefault(name, []).append(s[name])
+    views = max(p.shape[1] for p in out["pixel_values"])
+    out["pixel_values"] = [
+        torch.nn.functional.pad(p, (0, 0) * 4 + (0, views - p.shape[1]))
+        for p in out["pixel_values"]
+    ]
+    batch = {k: torch.cat(v) for k, v in out.items()}
+    if "pixel_values_videos" not in singles[0] and all(
+        "batch_num_images" not in s for s in singles
+    ):
+        del batch["batch_num_images"]
+    return batch
+
+
+def row_inputs(model, family: str, seed: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i, row in enumerate(batch_rows(family)):
+        single = anyres_inputs(model, [row], seed=seed + i)
+        if family == "llava_next":
+            single.pop("batch_num_images", None)
+        out.append(single)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_bit_identical(family):
+    model = tiny_llava_next(family, seed=1)
+    batch = join_rows(row_inputs(model, family, seed=2))
+    with torch.no_grad():
+        ref = model(**batch).logits
+        for method, amount in (
+            ("cls", {"keep": 1000}),
+            ("divprune", {"prune_ratio": 0.0}),
+        ):
+            vlmprune.patch(model, method, **amount)
+            assert torch.equal(model(**batch).logits, ref), method
+    counts = iter(visual_count(model, batch))
+    want = [[next(counts) for _ in row] for row in batch_rows(family)]
+    got = vlmprune.last_selection(model)
+    assert [[len(k) for k in row] for row in got] == want
+    assert all(
+        torch.equal(k, torch.arange(n))
+        for row, ns in zip(got, want)
+        for k, n in zip(row, ns)
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_method_matches_hand_fed_oracle(family, method):
+    """Every vision method on both families: == the oracle (newlines kept), or the documented error."""
+    model = tiny_llava_next(family, seed=3)
+    inputs = anyres_inputs(model, [family_row(family)], seed=5)
+    documented = support_text(method, ADAPTERS[family])[
+        family
+    ]  # the README's method x family table
+    try:
+        vlmprune.patch(model, method, keep=5)
+    except ValueError as e:
+        assert (
+            repr(method) in str(e)
+            and CLASSES[family] in str(e)
+            and "'divprune'" in str(e)
+        )
+        assert documented == "unsupported", f"{method} should run on {family}: {e}"
+        return
+    assert documented != "unsupported"
+    with torch.no_grad():
+        out = model(**inputs).logits[0]
+    kept, feats, _ = placed(model, inputs)
+    got = vlmprune.last_selection(model)[0]
+    assert [len(k) for k in got] == [5] * len(family_row(family))
+    assert all(torch.equal(a, b) for a, b in zip(got, kept))
+    vlmprune.unpatch(model)
+    ref = oracle_logits(model, inputs, kept, feats)
+    n_lines = sum(len(newline_places(model, r)) for r in hf_packed(model, inputs))
+    assert (
+        out.shape[0]
+        == ref.shape[0]
+        == inputs["input_ids"].shape[1]
+        - sum(visual_count(model, inputs))
+        + 5 * len(got)
+    )  # every newline (n_lines of them) is still there
+    assert n_lines >= 4
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("keep", "positions"), [(0, "compact"), (7, "original")])
+def test_keep_zero_leaves_the_newlines_and_original_positions(family, keep, positions):
+    model = tiny_llava_next(family, seed=4)
+    inputs = anyres_inputs(model, [family_row(family)], seed=6)
+    vlmprune.patch(model, "cls", keep=keep, positions=positions)
+    with torch.no_grad():
+        out = model(**inputs).logits[0]
+    kept = vlmprune.last_selection(model)[0]
+    assert [len(k) for k in kept] == [keep] * len(kept)
+    feats = [
+        f[k]
+        for f, k in zip(
+            model._vlmprune_adapter.encode(
+                inputs, model._vlmprune_adapter.read_prompt(inputs)
+            ).feats,
+            kept,
+        )
+    ]
+    vlmprune.unpatch(model)
+    torch.testing.assert_close(
+        out, oracle_logits(model, inputs, kept, feats, positions), atol=1e-4, rtol=0
+    )
+
+
+def test_onevision_downscaled_crop_grid_matches_oracle():
+    """`anyres_max_1`: the 2x2-crop grid (8x8 tokens) is bilinearly downscaled to 4x4; the signals with it."""
+    model = tiny_llava_next("llava_onevision", seed=7)
+    model.config.vision_aspect_ratio = "anyres_max_1"
+    inputs = anyres_inputs(model, [[("image", (56, 56))]], seed=8)
+    assert visual_count(model, inputs) == [16 + 16]
+    for method in ("cls", "visionzip"):
+        vlmprune.patch(model, method, keep=6)
+        with torch.no_grad():
+            out = model(**inputs).logits[0]
+        kept, feats, _ = placed(model, inputs)
+        vlmprune.unpatch(model)
+        torch.testing.assert_close(
+            out, oracle_logits(model, inputs, kept, feats), atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["cls", "divprune", "pool", "fastv", "cls+fastv"])
+def test_left_padded_batch_generates_as_rows_alone(family, method):
+    model = tiny_llava_next(family, seed=9)
+    singles = row_inputs(model, family, seed=20)
+    batch = join_rows(singles)
+    if method == "cls+fastv":
+        vlmprune.patch(
+            model, [("cls", {"keep": 8}), ("fastv", {"layer": 1, "keep": 3})]
+        )
+    else:
+        vlmprune.patch(
+            model, method, keep=3, **({"layer": 1} if method == "fastv" else {})
+        )
+    gen = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1] :]
+        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == [
+            [3] * len(r) for r in batch_rows(family)
+        ]
+        for i, single in enumerate(singles):
+            alone = model.generate(**single, **gen)[0, single["input_ids"].shape[1] :]
+            assert torch.equal(out[i], alone), (i, out[i], alone)
+
+
+def view_cls_reference(model, inputs, mode: str) -> torch.Tensor:
+    """The eager CLS row (head mean, patches only) of every view at the feature layer, normalised
+    per view ("normalised") or not, placed at each visual token of the image by matching its
+    feature row to the view patch it was projected from (LLaVA-NeXT only permutes them)."""
+    with torch.no_grad():
+        pv = inputs["pixel_values"][0, : model._vlmprune_adapter.view_counts(inputs)[0]]
+        att = (
+            model.model.vision_tower(pv, output_attentions=True)
+            .attentions[-2][:, :, 0, 1:]
+            .mean(1)
+        )
+        if mode == "normalised":
+            att = att / att.sum(-1, keepdim=True)
+        hidden = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[
+            -2
+        ][:, 1:]
+        per_patch = model.model.multi_modal_projector(hidden).flatten(
+            0, 1
+        )  # [views * P, D]
+    run = hf_packed(model, inputs)[0]
+    lines = set(newline_places(model, run).tolist())
+    visual = run[[p for p in range(len(run)) if p not in lines]]
+    match = (visual[:, None, :] == per_patch[None]).all(
+        -1
+    )  # [N, views * P]: one True per row
+    assert (match.sum(1) == 1).all()
+    return att.flatten()[match.float().argmax(1)]
+
+
+@pytest.mark.parametrize("mode", ["normalised", "raw"])
+def test_cls_scores_every_view_with_its_own_cls_row(mode):
+    eager = tiny_llava_next("llava_next", attn="eager", seed=10)
+    inputs = anyres_inputs(eager, [[("image", (40, 60))]], seed=11)
+    vlmprune.patch(eager, "cls", keep=9)
+    if mode == "raw":
+        set_view_scores(eager, "raw")
+    with torch.no_grad():
+        eager(**inputs)
+    scores = view_cls_reference(eager, inputs, mode)
+    assert torch.equal(
+        vlmprune.last_selection(eager)[0][0], scores.topk(9).indices.sort().values
+    )
+
+
+def test_grids_uniform_spreads_over_views_and_base_only_images_keep_the_tower_grid():
+    """An image with crops: grid (1, N) (no raster covers base view and crops); an image alone in
+    its view (OneVision, two images in a row): the tower's 4x4 grid."""
+    model = tiny_llava_next("llava_onevision", seed=12)
+    inputs = anyres_inputs(
+        model,
+        [[("image", (40, 60))], [("image", (28, 28)), ("image", (60, 30))]],
+        seed=13,
+    )
+    vlmprune.patch(model, "uniform", keep=4)
+    with torch.no_grad():
+        model(**inputs)
+    (a,), (b, c) = vlmprune.last_selection(model)
+    n = visual_count(model, inputs)[0]
+    assert n > 16 and torch.equal(a, strided_grid(1, n, 4))
+    assert torch.equal(b, strided_grid(4, 4, 4)) and torch.equal(
+        c, strided_grid(4, 4, 4)
+    )
+
+
+def test_errors_are_clear():
+    model = tiny_llava_next("llava_next", seed=14)
+    vlmprune.patch(model, "cls", keep=4)
+    with pytest.raises(
+        ValueError,
+        match=r"view_scores must be one of \['normalised', 'raw'\], got 'mean'",
+    ):
+        set_view_scores(model, "mean")
+    with pytest.raises(TypeError, match="not a patched LLaVA-NeXT"):
+        set_view_scores(tiny_llava_next("llava_onevision"), "raw")
+    inputs = anyres_inputs(model, [[("image", (40, 60))]], seed=15)
+    vlmprune.unpatch(model)
+    with torch.no_grad():
+        mm = {
+            "image": model.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                image_sizes=inputs["image_sizes"],
+                return_dict=True,
+            )
+        }
+    vlmprune.patch(model, "divprune", keep=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="need image_sizes"):
+        model(input_ids=inputs["input_ids"], mm_encoder_outputs=dict(mm))
+    with (
+        torch.no_grad()
+    ):  # with image_sizes, features encoded before patching prune as well
+        model(
+            input_ids=inputs["input_ids"],
+            mm_encoder_outputs=dict(mm),
+            image_sizes=inputs["image_sizes"],
+        )
+    assert len(vlmprune.last_selection(model)[0][0]) == 4
+
+
+def test_supported_models_lists_both_families():
+    assert {"llava_next", "llava_onevision"} <= set(vlmprune.supported_models())
