@@ -120,11 +120,10 @@ def vflow_signals(
     counts: list[int], offset: int, layers: list[int], seed: int, info: EncoderInfo
 ):
     """Ragged items (zero padding beyond each count), per layer a head-mean graph [I, 1, T, T] with
-    visual tokens 2 and 5 tied, their features equal."""
+    visual tokens 2 and 5 tied (their features differ)."""
     n = max(counts)
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(counts), n, 6, generator=g)
-    feats[:, 5] = feats[:, 2]
     s = Signals(
         n_valid=torch.tensor(counts),
         grid=(1, n),

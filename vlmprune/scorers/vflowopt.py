@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vlmprune.kernels.merge import pairwise_dot
-from vlmprune.kernels.select import rank
+from vlmprune.kernels.select import gather_rows, pack, rank
 from vlmprune.scorers.base import (
     EncoderInfo,
     Request,
@@ -37,27 +36,28 @@ the stage before it kept."""
 def importance(
     a: torch.Tensor, alive: torch.Tensor, offset: int, threshold: float, alpha: float
 ) -> torch.Tensor:
-    """[T - offset] float32 importance of the visual tokens (0 where not alive) from one layer's
-    head-mean attention a [T, T] (a CLS token first when offset = 1) restricted to the alive tokens
-    (CLS always alive): rows renormalised over the alive keys; received attention = the mean of the
-    alive rows; global tokens = those receiving more than threshold x the mean received (all alive
-    tokens when none does); context relevance = the mean of the global tokens' rows; entropy = each
-    visual token's row entropy (nats), softmaxed over the alive visual tokens; importance =
-    relevance + alpha x softmaxed entropy."""
+    """[I, T - offset] float32 importance of the visual tokens (0 where not alive) from one layer's
+    head-mean attention a [I, T, T] (a CLS token first when offset = 1) restricted to the alive tokens
+    alive [I, T] (CLS always alive): rows renormalised over the alive keys; received attention = the
+    mean of the alive rows; global tokens = those receiving more than threshold x the mean received
+    (all alive tokens when none does); context relevance = the mean of the global tokens' rows;
+    entropy = each visual token's row entropy (nats), softmaxed over the alive visual tokens;
+    importance = relevance + alpha x softmaxed entropy."""
     m = alive.float()
-    sub = a.float() * m[None, :]
+    sub = a.float() * m[:, None, :]
     sub = sub / sub.sum(-1, keepdim=True).clamp_min(TINY)
-    received = (sub * m[:, None]).sum(0) / m.sum()
-    glob = alive & (received > threshold * received[alive].mean())
-    if not bool(glob.any()):
-        glob = alive
-    context = (sub * glob[:, None].float()).sum(0) / glob.sum()
-    vis = alive[offset:]
-    entropy = -torch.special.xlogy(sub[offset:], sub[offset:]).sum(-1)
-    spread = torch.softmax(entropy.masked_fill(~vis, float("-inf")), dim=0).nan_to_num(
+    count = m.sum(1, keepdim=True).clamp_min(1.0)
+    received = (sub * m[:, :, None]).sum(1) / count
+    mean = (received * m).sum(1, keepdim=True) / count
+    glob = alive & (received > threshold * mean)
+    glob = torch.where(glob.any(1, keepdim=True), glob, alive).float()
+    context = (sub * glob[:, :, None]).sum(1) / glob.sum(1, keepdim=True).clamp_min(1.0)
+    vis = alive[:, offset:]
+    entropy = -torch.special.xlogy(sub[:, offset:], sub[:, offset:]).sum(-1)
+    spread = torch.softmax(entropy.masked_fill(~vis, float("-inf")), dim=1).nan_to_num(
         0.0
     )
-    return (context[offset:] + alpha * spread).masked_fill(~vis, 0.0)
+    return (context[:, offset:] + alpha * spread).masked_fill(~vis, 0.0)
 
 
 def read_schedule(path: str | Path) -> dict[str, object]:
@@ -102,7 +102,7 @@ class VFlowOptScorer(Scorer):
       every cut reads the unpruned encoder's attention (restricted to the survivors) and the tokens
       leave after the encoder, so the encoder's and the LLM's own computations are not shortened.
     - Recycling (`recycle=True`): every pruned token joins the kept token whose post-projector feature
-      is most similar (cosine; ties to the lower index), and a kept token's feature becomes the
+      is most similar (cosine of one GEMM; ties to the lower index), and a kept token's feature becomes the
       importance-weighted mean of its own and its members' features (weights: the importance at the first
       cut, where all tokens are scored on one scale). The official code instead groups the pruned tokens
       by m x m cells of the grid into a few extra recycled tokens (its count then misses the budget).
@@ -221,61 +221,58 @@ class VFlowOptScorer(Scorer):
                 f"[I, 1, T, T] with T = N or N + 1 (a CLS token first)"
             )
         kmax = max(ks, default=0)
-        out_idx = torch.full((len(ks), kmax), -1, dtype=torch.long, device=device)
-        out_feat = feats.new_zeros(len(ks), kmax, feats.shape[-1])
-        for i, (c, ki) in enumerate(zip(counts, ks)):
-            if ki == 0:
-                continue
-            if ki >= c:
-                out_idx[i, :c] = torch.arange(c, device=device)
-                out_feat[i, :c] = feats[i, :c]
-                continue
-            nodes = c + offset
-            alive = torch.ones(nodes, dtype=torch.bool, device=device)
-            weights = None
-            for j, g in enumerate(graphs):
-                a = g[i].float().mean(0)[:nodes, :nodes]
-                imp = importance(a, alive, offset, self.threshold, self.alpha)
-                weights = imp if weights is None else weights
-                alive_vis = alive[offset:]
-                keep = (
-                    ki
-                    if j == len(graphs) - 1
-                    else min(int(alive_vis.sum()), math.ceil(ki * expand[j]))
-                )
-                order = rank(imp[None], alive_vis[None])[0, :keep]
-                alive = alive.clone()
-                alive[offset:] = torch.zeros(
-                    c, dtype=torch.bool, device=device
-                ).scatter(0, order, True)
-            kept = torch.nonzero(alive[offset:]).flatten()
-            out_idx[i, :ki] = kept
-            out_feat[i, :ki] = (
-                self.recycled(feats[i, :c], kept, weights)
-                if self.recycle
-                else feats[i, kept]
+        nodes = torch.tensor([c + offset for c in counts]).to(device)
+        alive = torch.arange(n + offset, device=device)[None, :] < nodes[:, None]
+        pos = torch.arange(n, device=device)[None, :]
+        weights, left = None, list(counts)
+        for j, g in enumerate(
+            graphs
+        ):  # every item at once; the counts kept stay on the host
+            imp = importance(
+                g.float().mean(1), alive, offset, self.threshold, self.alpha
             )
-        return Selection(indices=out_idx, features=out_feat)
+            weights = imp if weights is None else weights
+            last = j == len(graphs) - 1
+            left = [
+                ki if last else min(c, math.ceil(ki * expand[j]))
+                for c, ki in zip(left, ks)
+            ]
+            order = rank(imp, alive[:, offset:])
+            chosen = torch.zeros_like(alive[:, offset:]).scatter(
+                1, order, pos < torch.tensor(left).to(device)[:, None]
+            )
+            alive = torch.cat([alive[:, :offset], chosen], 1)
+        kept = alive[:, offset:]
+        idx = pack(kept, kmax)
+        if not self.recycle:
+            return Selection(indices=idx, features=gather_rows(feats, idx))
+        full = torch.tensor([ki >= c for c, ki in zip(counts, ks)]).to(device)
+        merged = self.recycled(feats, kept, weights, pos < nodes[:, None] - offset)
+        out = torch.where(
+            full[:, None, None], gather_rows(feats, idx), gather_rows(merged, idx)
+        )
+        return Selection(indices=idx, features=out)
 
     @staticmethod
     def recycled(
-        x: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor
+        x: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """[len(kept), D] in x's dtype: each kept token's importance-weighted mean with the pruned tokens
-        whose most similar (cosine) kept token it is."""
-        c = x.shape[0]
-        pruned = torch.ones(c, dtype=torch.bool, device=x.device).index_fill(
-            0, kept, False
-        )
-        gone = torch.nonzero(pruned).flatten()
+        """[I, N, D] in x's dtype, at each kept token: its importance-weighted mean with the valid pruned
+        tokens whose most similar (cosine, one GEMM; ties to the lower index) kept token it is."""
         unit = torch.nn.functional.normalize(x.float(), dim=-1)
-        w = weights.float().clamp_min(TINY)
-        sums = x[kept].float() * w[kept, None]
-        total = w[kept].clone()
-        if gone.numel():
-            target = pairwise_dot(unit[gone][None], unit[kept][None])[0].argmax(
-                dim=1
-            )  # ties: the lower kept index
-            sums.index_add_(0, target, x[gone].float() * w[gone, None])
-            total.index_add_(0, target, w[gone])
-        return (sums / total[:, None]).to(x.dtype)
+        sim = torch.bmm(unit, unit.transpose(1, 2)).masked_fill(
+            ~kept[:, None, :], float("-inf")
+        )
+        pos = torch.arange(x.shape[1], device=x.device)[None, :]
+        target = torch.where(
+            kept, pos, sim.argmax(dim=2)
+        )  # argmax: the first (lower) of equal maxima
+        w = (weights.float().clamp_min(TINY) * valid)[..., None]
+        d = x.shape[-1]
+        sums = torch.zeros(*x.shape[:2], d, device=x.device).scatter_add_(
+            1, target[..., None].expand(-1, -1, d), x.float() * w
+        )
+        total = torch.zeros(*x.shape[:2], 1, device=x.device).scatter_add_(
+            1, target[..., None], w
+        )
+        return (sums / total.clamp_min(TINY)).to(x.dtype)
