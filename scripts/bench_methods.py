@@ -148,9 +148,12 @@ def main() -> None:
                 adapter = model._vlmprune_adapter
                 feats = list(enc().pooler_output)
                 k = torch.full((b,), args.keep)  # on the host, as the adapter passes it
+                question = model.get_input_embeddings()(torch.randint(3, 90, (b, 16), device=dev))
 
                 def score():
                     signals = adapter.signals_for(feats)
+                    if adapter.request.text_embeds:  # cdpruner, quota: a 16-token question per image
+                        signals.text_embeds, signals.text_counts = question, (16,) * b
                     return run_scorer(adapter.stage.scorer, signals, signals.features, k)
 
                 for _ in range(3):
