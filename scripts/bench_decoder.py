@@ -67,6 +67,32 @@ def median_ms(fn, device, repeats, warmup=2):
     return statistics.median(times)
 
 
+def time_cuts(prefill, device, repeats) -> float:
+    """Median total time of the decoder cuts of one prefill, CUDA events around `DecoderStages.cut`.
+    Separate runs from the prefill timing: the events synchronise, which would stall the prefill."""
+    times, original = [], decoder_module.DecoderStages.cut
+
+    def timed_cut(self, *a, **k):
+        with Timer(device) as t:
+            out = original(self, *a, **k)
+        times.append(t.ms)
+        return out
+
+    decoder_module.DecoderStages.cut = timed_cut
+    try:
+        with torch.no_grad():
+            prefill()  # warmup
+            times.clear()
+            per_call = []
+            for _ in range(repeats):
+                n = len(times)
+                prefill()
+                per_call.append(sum(times[n:]))
+    finally:
+        decoder_module.DecoderStages.cut = original
+    return statistics.median(per_call)
+
+
 def kv_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
@@ -122,39 +148,22 @@ def main():
         vlmprune.unpatch(model)
         if spec is not None:
             vlmprune.patch(model, spec[0], **spec[1])
-        cut_times = []
-        original_cut = decoder_module.DecoderStages.cut
-
-        def timed_cut(self, *a, **k):
-            with Timer(device) as t:
-                out = original_cut(self, *a, **k)
-            cut_times.append(t.ms)
-            return out
-
-        decoder_module.DecoderStages.cut = timed_cut
-        try:
-            with torch.no_grad():
-                prefill = lambda: model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)  # noqa: E731
-                prefill_ms = median_ms(prefill, device, args.repeats)
-                out = prefill()
-                cache = out.cache
-                kv = kv_bytes(cache)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                mask = torch.ones(args.batch, ids.shape[1] + 1, dtype=torch.long, device=device)
-                step_pos = torch.full((args.batch, 1), ids.shape[1], device=device)
-                steps = []
-                for r in range(args.repeats + 1):  # each step continues a fresh prefill's cache
-                    cache = prefill().cache
-                    with Timer(device) as t:
-                        model(input_ids=tok, cache=cache, attention_mask=mask, use_cache=True, position_ids=step_pos)
-                    steps.append(t.ms)
-                decode_ms = statistics.median(steps[1:])
-        finally:
-            decoder_module.DecoderStages.cut = original_cut
-        calls = 2 + args.repeats + 1 + args.repeats + 1  # warmup + timed prefills, the cache one, the decode ones
-        per_call = len(cut_times) // calls if cut_times else 0
-        cuts_ms = statistics.median([sum(cut_times[i:i + per_call]) for i in range(0, len(cut_times), per_call)]) \
-            if per_call else 0.0
+        with torch.no_grad():
+            prefill = lambda: model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)  # noqa: E731
+            prefill_ms = median_ms(prefill, device, args.repeats)
+            out = prefill()
+            kv = kv_bytes(out.cache)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.ones(args.batch, ids.shape[1] + 1, dtype=torch.long, device=device)
+            step_pos = torch.full((args.batch, 1), ids.shape[1], device=device)
+            steps = []
+            for _ in range(args.repeats + 1):  # each step continues a fresh prefill's cache
+                cache = prefill().cache
+                with Timer(device) as t:
+                    model(input_ids=tok, cache=cache, attention_mask=mask, use_cache=True, position_ids=step_pos)
+                steps.append(t.ms)
+            decode_ms = statistics.median(steps[1:])
+        cuts_ms = time_cuts(prefill, device, args.repeats) if spec is not None and spec[0] != "cls" else 0.0
         # the plain run of the same work: the columns the patched prefill kept, by hand
         plain_ms = None
         adapter = model.__dict__.get("_vlmprune_adapter")

@@ -176,6 +176,8 @@ CONFIGS = {
     "fastv": ("fastv", dict(layer=2, keep=3)),
     "pdrop": ("pdrop", dict(layers=[1, 3], ratio=0.5, keep=1)),
     "exit": ("exit", dict(layer=2, keep=1)),
+    "exit threshold": ("exit", dict(threshold=0.45, keep=0)),  # row 0 leaves at layer 2, row 1 stays
+    "dart": ("dart", dict(keep=5, pivot_image=2, pivot_text=3)),
     "transprune": ("transprune", dict(layers=[1, 3], ratios=[0.5], keep=2)),
     "divprune+fastv": ([("divprune", {"keep": 8}), ("fastv", {"layer": 2, "keep": 3})], {}),
 }
@@ -419,3 +421,113 @@ def test_decoder_defaults_scale_with_the_depth():
     model = llava(seed=35)
     vlmprune.patch(model, "transprune", keep=2)
     assert [p.layer for p in model._vlmprune_adapter.decoder.points] == [1, 2, 3]
+
+
+def key_l1_norms(model, layer, h_in, position_ids):
+    """[L] the L1 norm of each token's rotary key in decoder layer `layer` (input `h_in`, one row)."""
+    stack = decoder_stack(model)
+    x = stack.layers[layer].input_layernorm(h_in)[0]
+    kv = stack.config.num_key_value_heads
+    d = x.shape[-1] // stack.config.num_attention_heads
+    cos, sin = (t[0] for t in stack.rotary_emb(h_in, position_ids))
+    k = stack.layers[layer].self_attn.k_proj(x).view(-1, kv, d).transpose(0, 1)
+    return (k * cos + rotate_half(k) * sin).abs().sum((0, 2))
+
+
+def dart_reference(hn, norms, visual, text, k, n_img=4, n_txt=4):
+    """DART's rule in plain Python on one row: `hn` [L, D] the final-normed hidden states, `norms`
+    [L] key norms; per image its `visual` columns, the row's instruction columns `text`; exactly k
+    kept: the top image pivots, then pivot by pivot (prompt order) its share of the least similar."""
+    top = lambda cols, m: sorted(sorted(cols, key=lambda c: (-float(norms[c]), c))[:m])  # noqa: E731
+    out = []
+    for vis in visual:
+        vis = vis.tolist()
+        if k <= n_img:
+            out.append(top(vis, k))
+            continue
+        pivots = top(vis, n_img) + top(text, n_txt)
+        kept, rest = set(pivots[:n_img]), k - n_img
+        for j, p in enumerate(pivots):
+            share = rest // len(pivots) + (1 if j < rest % len(pivots) else 0)
+            cand = [c for c in vis if c not in kept]
+            sims = sorted(cand, key=lambda c: (float(torch.cosine_similarity(hn[p], hn[c], dim=0)), c))
+            kept |= set(sims[:share])
+        out.append(sorted(kept))
+    return out
+
+
+@pytest.mark.parametrize("keep", [3, 7, 13])
+def test_dart_equals_pivot_duplication_oracle(keep):
+    """Two images in one row, layer K=2: pivots from layer 1's key norms, duplicates by cosine of
+    the final-normed hidden states entering layer 2; the rest of the layers on the kept rows."""
+    model = llava(seed=36)
+    ids, pv = prompt(2, seed=37, after=6), pixels(2, seed=38)
+    embeds, pos, visual = llava_row(model, ids, pv)
+    stack = decoder_stack(model)
+    with torch.no_grad():  # a final norm that is not the identity (a random init leaves it ones)
+        stack.norm.weight.copy_(torch.rand(stack.norm.weight.shape, generator=torch.Generator().manual_seed(0)) + 0.5)
+        h1 = run_layers(model, embeds, pos, range(1))
+        norms = key_l1_norms(model, 1, h1, pos)
+        h2 = run_layers(model, h1, pos, range(1, 2))
+        text = list(range(int(visual[-1].max()) + 1, len(ids)))
+        kept = dart_reference(stack.norm(h2)[0].float(), norms, visual, text, keep)
+        keepcols = torch.ones(len(ids), dtype=torch.bool)
+        for vis, kk in zip(visual, kept):
+            keepcols[vis] = False
+            keepcols[kk] = True
+        cols = keepcols.nonzero()[:, 0]
+        ref = head(model, run_layers(model, h2[:, cols], pos[:, cols], range(2, LAYERS)))[0]
+    vlmprune.patch(model, "dart", keep=keep)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    want = [torch.tensor(kk) - int(vis[0]) for vis, kk in zip(visual, kept)]
+    assert [g.tolist() for g in vlmprune.last_selection(model)[0]] == [w.tolist() for w in want]
+
+
+def test_exit_threshold_each_image_leaves_where_the_prompt_stops_looking():
+    """threshold: before each layer K >= 2, an image's tokens all leave once the last prompt token's
+    layer K-1 attention mass on them is below t. t sits between the two images' masses at layer 1,
+    so one image leaves before layer 2 and the other follows the rule on its own."""
+    model = llava(seed=39)
+    ids, pv = prompt(2, seed=40), pixels(2, seed=41)
+    embeds, pos, visual = llava_row(model, ids, pv)
+    with torch.no_grad():
+        h = run_layers(model, embeds, pos, range(1))
+        first = attention_rows(model, 1, h, pos, [len(ids) - 1])[0]
+    masses = sorted(float(first[v].sum()) for v in visual)
+    t = sum(masses) / 2
+    # the reference, layer by layer: the images below t leave
+    with torch.no_grad():
+        h, cur, lengths = run_layers(model, embeds, pos, range(1)), torch.arange(len(ids)), [len(ids)] * 2
+        for k_layer in range(2, LAYERS):
+            p = pos[:, cur]
+            row = attention_rows(model, k_layer - 1, h, p, [len(cur) - 1])[0]
+            h = run_layers(model, h, p, range(k_layer - 1, k_layer))
+            keep = torch.ones(len(cur), dtype=torch.bool)
+            for v in visual:
+                at = torch.isin(cur, v)
+                if at.any() and row[at].sum() < t:
+                    keep &= ~at
+            h, cur = h[:, keep], cur[keep]
+            lengths.append(len(cur))
+        ref = head(model, run_layers(model, h, pos[:, cur], range(LAYERS - 1, LAYERS)))[0]
+    assert lengths[2] == len(ids) - N_VIS  # one image left before layer 2
+    vlmprune.patch(model, "exit", threshold=t, keep=0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=pv, use_cache=True)
+    torch.testing.assert_close(out.logits[0], ref, atol=1e-4, rtol=0)
+    assert [out.cache.layers[i].keys.shape[2] for i in range(LAYERS)] == lengths
+
+
+def test_a_stage_list_with_only_a_decoder_stage_equals_the_method_form():
+    """[("fastv", {"keep": 3})]: no vision stage, so every visual token enters the decoder."""
+    model = llava(seed=42)
+    ids, pv = torch.tensor([prompt(2, seed=43)]), pixels(2, seed=44)
+    outs = []
+    for spec, kw in ((["fastv"], {}), ("fastv", {"keep": 3})):
+        vlmprune.patch(model, [("fastv", {"keep": 3})] if spec == ["fastv"] else spec, **kw)
+        with torch.no_grad():
+            outs.append(model(input_ids=ids, pixel_values=pv).logits)
+        assert [len(k) for k in vlmprune.last_selection(model)[0]] == [3, 3]
+    assert torch.equal(outs[0], outs[1])

@@ -49,6 +49,8 @@ class PruneConfig:
     def kept(self, n: int, stage: Stage | None = None) -> int:
         """Visual tokens kept for an image of n tokens (by `stage`, default the vision stage)."""
         stage = stage or self.vision_stage
+        if stage is None:  # no vision stage: every token enters the decoder
+            return n
         keep, ratio = self.keep, self.prune_ratio
         if stage is not None and (stage.keep is not None or stage.prune_ratio is not None):
             keep, ratio = stage.keep, stage.prune_ratio

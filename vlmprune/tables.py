@@ -26,11 +26,11 @@ def signals_text(name: str) -> str:
     req = build_scorer(name).needs(CLIP_L)
     parts = (["features"] if req.features else []) + (["text_embeds"] if req.text_embeds else [])
     for field in ("cls_attn", "cls_value_attn", "received_attn", "keys", "value_norms", "vision_hidden",
-                  "attn_graph", "text_attn", "transitions"):
+                  "attn_graph", "text_attn", "transitions", "key_norms"):
         layers = getattr(req, field)
         if layers:
             span = f"{layers[0]}..{layers[-1]}" if len(layers) > 2 else ",".join(map(str, layers))
-            where = " (LLM)" if field in ("text_attn", "transitions") else ""
+            where = " (LLM)" if field in ("text_attn", "transitions", "key_norms") else ""
             parts.append(f"{field}[{span}]{where}")
     return ", ".join(parts) or "—"
 

@@ -107,7 +107,8 @@ class DecoderStages:
     # --- install -------------------------------------------------------------------------
     def install(self) -> None:
         requests = [p.scorer.needs(self.info) for p in self.points]
-        watched = {p.layer - 1 for p, r in zip(self.points, requests) if p.layer - 1 in r.text_attn}
+        watched = {p.layer - 1 for p, r in zip(self.points, requests)
+                   if p.layer - 1 in r.key_norms or (p.layer - 1 in r.text_attn and not r.text_attn_own)}
         moving = {layer for r in requests for layer in r.transitions}
         first = self.points[0].layer if self.points else len(self.layers)
         for idx, layer in enumerate(self.layers):
@@ -171,18 +172,12 @@ class DecoderStages:
         after each row's last visual token (`"text"`; `text_after` [B, L] bool). From what the
         layer captured as it ran, or (`own`: its input hidden states and rotary embeddings, before
         it runs) from its own input norm and projections."""
+        h, kh, (cos, sin) = self.rotary_keys(idx, own)
         attn = self.layers[idx].self_attn
-        if own is None:
-            got = self.run.captured[idx]
-            h, k, (cos, sin) = got["h"], got["k"], got["rotary"]
-        else:
-            h = self.layers[idx].input_layernorm(own[0])
-            k, (cos, sin) = attn.k_proj(h), own[1]
         b, length, _ = h.shape
         heads = attn.config.num_attention_heads
-        head_dim = getattr(attn, "head_dim", h.shape[-1] // heads)
+        head_dim = kh.shape[-1]
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         if query == "last":
             rows = torch.full((b, 1), length - 1, device=h.device)
         else:
@@ -194,8 +189,6 @@ class DecoderStages:
         pick = lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         q = attn.q_proj(pick(h)).view(b, rows.shape[1], heads, head_dim).transpose(1, 2)
         q, _ = rope(q, q, pick(cos), pick(sin))
-        kh = k.detach().view(b, length, -1, head_dim).transpose(1, 2)
-        kh, _ = rope(kh, kh, cos, sin)
         kh = kh.repeat_interleave(heads // kh.shape[1], dim=1)
         logits = torch.matmul(q.float(), kh.float().transpose(2, 3)) * attn.scaling  # [B, H, R, L]
         allowed = torch.arange(length, device=h.device)[None, None, :] <= rows[:, :, None]  # causal
@@ -206,6 +199,26 @@ class DecoderStages:
             return probs[:, 0]
         probs = probs.masked_fill(~row_ok[..., None], 0)
         return probs.sum(1) / count.clamp(min=1)[:, None]
+
+    def rotary_keys(self, idx: int, own: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Layer `idx`'s normed input [B, L, D], its keys with the rotary embedding applied as the
+        layer applies it [B, Hkv, L, hd], and its (cos, sin) expanded to the batch: from what the
+        layer captured as it ran, or (`own`: its input hidden states and rotary embeddings) from
+        its own input norm and k projection."""
+        attn = self.layers[idx].self_attn
+        if own is None:
+            got = self.run.captured[idx]
+            h, k, (cos, sin) = got["h"], got["k"], got["rotary"]
+        else:
+            h = self.layers[idx].input_layernorm(own[0])
+            k, (cos, sin) = attn.k_proj(h), own[1]
+        b, length, _ = h.shape
+        head_dim = getattr(attn, "head_dim", h.shape[-1] // attn.config.num_attention_heads)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        kh = k.detach().view(b, length, -1, head_dim).transpose(1, 2)
+        kh, _ = rope(kh, kh, cos, sin)
+        return h, kh, (cos, sin)
 
     # --- the cut --------------------------------------------------------------------------
     def _layer(self, idx: int, forward: Callable, hidden_states, *args, **kwargs):
@@ -245,21 +258,28 @@ class DecoderStages:
             signals.transitions[layer] = moved.reshape(b * length, 2, 2)[at_places]
             signals.transition_sums[layer] = run.transition_sums[layer][row_of]
         visual = mark(torch.zeros(b * length, dtype=torch.bool, device=device), places, True).view(b, length)
-        if point.layer in request.text_attn or point.layer - 1 in request.text_attn:
-            at = point.layer if point.layer in request.text_attn else point.layer - 1
-            text_after = None
-            if request.text_query == "text":
-                last = torch.where(visual, torch.arange(length, device=device), -1).amax(1)
-                text_after = torch.arange(length, device=device)[None, :] > last[:, None]
-                if mask is not None:
-                    text_after &= mask.bool()
+        last = torch.where(visual, torch.arange(length, device=device), -1).amax(1)
+        text_after = torch.arange(length, device=device)[None, :] > last[:, None]  # the instruction
+        if mask is not None:
+            text_after &= mask.bool()
+        at = point.layer if request.text_attn_own else point.layer - 1
+        if at in request.text_attn:
             own = (hidden, rotary) if at == point.layer else None
             rows = self.text_attention(at, request.text_query, text_after, mask, own)  # [B, L]
             signals.text_attn[at] = rows[row_of[:, None], at_places % length].masked_fill(places < 0, 0)
+        if request.text_embeds or request.key_norms:
+            self.text_signals(signals, request, hidden, text_after[row_of], at_places % length, places < 0, row_of)
+        if request.final_norm:
+            signals.features = self.stack.norm(signals.features)
+        dynamic = any(k is None for k in kept)  # the scorer's selection says how many go on (a host sync)
+        if dynamic:
+            kept = list(counts)
         if type(point.scorer).select is Scorer.select:
             chosen, _ = select_tokens(point.scorer.score(signals).float(), None, torch.tensor(kept), torch.tensor(counts))
         else:
             chosen = point.scorer.select(signals, torch.tensor(kept)).indices
+        if dynamic:
+            kept = (chosen >= 0).sum(1).tolist()
         # the columns that go on: every attended non-visual column, and the chosen visual ones
         kept_places = places.gather(1, chosen.clamp(min=0)).masked_fill(chosen < 0, -1)  # [I, kmax]
         keep = ~visual if mask is None else mask.bool() & ~visual
@@ -276,6 +296,7 @@ class DecoderStages:
         safe = cols.clamp(min=0)
         new_mask = (cols >= 0) if mask is None else mask.bool().gather(1, safe) & (cols >= 0)
         run.cuts.append(Cut(cols, new_mask.long(), chosen, kept, length))
+        run.captured.pop(point.layer - 1, None)  # read by this point only
         # the places of the images' kept tokens in the new sequence, for a later cut (on the device)
         where = torch.full((b * length + 1,), -1, dtype=torch.long, device=device)
         flat_cols = torch.where(cols >= 0, torch.arange(b, device=device)[:, None] * length + safe, b * length)
@@ -295,6 +316,28 @@ class DecoderStages:
         current["attention_mask"] = self.make_mask(point.layer, hidden, new_mask, kwargs.get("cache"))
         run.current = current
         return hidden
+
+    def text_signals(self, signals: Signals, request, hidden: torch.Tensor, text_after: torch.Tensor,
+                     cols: torch.Tensor, pad: torch.Tensor, row_of: torch.Tensor) -> None:
+        """Per image (`text_after` [I, L]: its row's instruction columns; `cols` [I, N] its tokens'
+        columns, `pad` where padded): the instruction tokens' hidden states (`text_embeds`) and the
+        key norms of the requested layers over its visual then its text tokens. One host sync (the
+        longest instruction)."""
+        length = hidden.shape[1]
+        count = text_after.sum(1)
+        width = int(count.max()) if count.numel() else 0
+        order = torch.sort(torch.where(text_after, torch.arange(length, device=hidden.device), length), dim=1).values
+        tcols = order[:, :width].clamp(max=length - 1)  # [I, M]
+        tpad = torch.arange(width, device=hidden.device)[None, :] >= count[:, None]
+        if request.text_embeds:
+            text = hidden[row_of[:, None], tcols].masked_fill(tpad[..., None], 0)
+            signals.text_embeds = self.stack.norm(text) if request.final_norm else text
+            signals.text_counts = tuple(count.tolist())
+        for layer in request.key_norms:
+            norms = self.rotary_keys(layer)[1].float().abs().sum((1, 3))  # [B, L]
+            mine = norms[row_of]
+            signals.key_norms[layer] = torch.cat([mine.gather(1, cols).masked_fill(pad, 0),
+                                                  mine.gather(1, tcols).masked_fill(tpad, 0)], dim=1)
 
     def decode_mask(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """A decode step: layers from this point on attend to their own (shorter) cache."""

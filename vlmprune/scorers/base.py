@@ -40,10 +40,13 @@ class Request:
     cls_value_attn: tuple[int, ...] = ()
     text_attn: tuple[int, ...] = ()  # decoder layers: attention rows from the prompt to the visual tokens
     text_query: str = "last"  # whose rows: the last prompt token's, or ("text") the text after the images
+    text_attn_own: bool = False  # a cut at layer K reads layer K's own attention (from its input), not K-1's
     transitions: tuple[int, ...] = ()  # decoder layers: how their attention and MLP change each token
     attn_graph: tuple[int, ...] = ()  # encoder layers: the full softmax attention among the tokens (Zero-TPrune)
     attn_graph_heads: str = "each"  # "each": one graph per head; "mean": the head-mean graph (H times smaller)
     text_embeds: bool = False  # the prompt's text-token embeddings (instruction-conditioned methods: CDPruner)
+    key_norms: tuple[int, ...] = ()  # decoder layers: the L1 norm of each token's rotary key (DART's pivots)
+    final_norm: bool = False  # decoder stages: hidden states through the LM's final norm first (DART)
 
     def merge(self, other: "Request") -> "Request":
         """Union of two requests (used when one forward serves several stages)."""
@@ -60,9 +63,12 @@ class Request:
             text_attn=uni(self.text_attn, other.text_attn),
             transitions=uni(self.transitions, other.transitions),
             text_query=self.text_query if self.text_attn else other.text_query,
+            text_attn_own=self.text_attn_own or other.text_attn_own,
             attn_graph=uni(self.attn_graph, other.attn_graph),
             attn_graph_heads="mean" if graph_heads and all(h == "mean" for h in graph_heads) else "each",
             text_embeds=self.text_embeds or other.text_embeds,
+            key_norms=uni(self.key_norms, other.key_norms),
+            final_norm=self.final_norm or other.final_norm,
         )
 
 
@@ -120,8 +126,13 @@ class Signals:
     text_embeds: torch.Tensor | None = None
     """[I, M, D]: for each image, the input embeddings of its prompt row's text tokens (the attended
     non-visual tokens after the row's last visual token, in order), zero-padded; `text_counts[i]`
-    says how many of the M are real. Not handed over by the adapters yet (CDPruner's signal)."""
+    says how many of the M are real. At a decoder stage: those tokens' hidden states entering the
+    stage's layer (as `features`), through the LM's final norm when `Request.final_norm`."""
     text_counts: tuple[int, ...] | None = None
+    key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Decoder layer -> [I, N + M] float32: the L1 norm of each token's key in that layer (all heads,
+    rotary applied, as the layer attends with it): the image's N visual tokens, then the M text
+    tokens of `text_embeds` (0 where padded)."""
     frames: tuple[int, ...] | None = None
 
     def item_frames(self) -> list[int]:

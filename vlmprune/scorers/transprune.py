@@ -72,7 +72,7 @@ class TransPruneScorer(Scorer):
 
     def needs(self, info: EncoderInfo) -> Request:
         attn = () if self.ttv_only else self.layers
-        return Request(text_attn=attn, text_query="text", transitions=self.ttv_layers)
+        return Request(text_attn=attn, text_query="text", text_attn_own=True, transitions=self.ttv_layers)
 
     def score(self, signals: Signals) -> torch.Tensor:
         n = signals.n_valid.shape[0], signals.features.shape[1]
