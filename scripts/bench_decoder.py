@@ -1,6 +1,6 @@
 """Decoder-stage pruning on LLaVA-1.5-7B shapes (random weights): prefill, one decode step and
 KV-cache bytes at batch B, for unpatched, vision-stage `cls` keep 64, and the decoder stages
-(`fastv` K=2 keep 64, `pdrop` 8/16/24 x 0.5, `transprune` 7/9/12 prune_ratio 0.875, `exit` K=16),
+(`fastv` and `dart` K=2 keep 64, `pdrop` 8/16/24 x 0.5, `transprune` 7/9/12 prune_ratio 0.875, `exit` K=16),
 each next to a plain run of the same work (layers < K on every token, layers >= K on the same
 kept rows, by hand, no scoring), and the time of the cuts themselves (signals + scoring +
 selection + gathers, CUDA events around `DecoderStages.cut`).
@@ -29,6 +29,7 @@ CONFIGS = {
     "unpatched": None,
     "cls k64 (vision)": ("cls", {"keep": 64}),
     "fastv K2 k64": ("fastv", {"layer": 2, "keep": 64}),
+    "dart K2 k64": ("dart", {"layer": 2, "keep": 64}),
     "pdrop 8/16/24 x0.5": ("pdrop", {"keep": 1}),
     "transprune 7/9/12 r0.875": ("transprune", {"prune_ratio": 0.875}),
     "exit K16": ("exit", {"layer": 16, "keep": 0}),
