@@ -289,8 +289,9 @@ def anyres_inputs(model, rows: list[list[tuple[str, tuple[int, int]]]], *, seed:
         image_sizes = torch.tensor(sizes)
         extra = {"batch_num_images": torch.tensor(per_row)} if onevision else {}
         pixels = torch.randn(len(sizes), 5, 3, side, side, generator=g)
-        with torch.no_grad():
-            out = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes, return_dict=True, **extra)
+        with torch.no_grad():  # the run lengths, as the model packs them
+            out = model.model.get_image_features(pixel_values=pixels.to(model.device, model.dtype),
+                                                 image_sizes=image_sizes, return_dict=True, **extra)
         runs = [int(f.shape[0]) for f in out.pooler_output]
     pooled = -(-(side // vc.patch_size) // 2)  # OneVision pools each frame's patch grid 2x2 (ceil)
     seqs, run_at = [], iter(runs)
