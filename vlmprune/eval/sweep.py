@@ -7,7 +7,9 @@ Pieces, each small enough to reuse:
   model | path or hub id)`). Qwen-VL inputs (`image_grid_thw` present) give each image its own
   token grid: one LLM token per 28 x 28 px block of the resized image (`vlmprune.eval.qwen`).
 - `Task`: the items to evaluate (image, prompt, optional answer) and how to score an answer
-  (`make_task(None | "shapes[:DIR]" | "file.jsonl")`).
+  (`make_task(None | "shapes[:DIR]" | "shapes-two-turn[:DIR]" | "file.jsonl")`). In a two-turn task
+  each item is a conversation: turn 1 (an image and a question) answered greedily, then turn 2
+  (another image and question) on the same KV cache, scored on turn 2 (turn 1 recorded).
 - `run_sweep`: runs the unpruned reference and every cell, writes `results.json` after each cell
   (a rerun skips finished cells), then `results.csv` and `accuracy_vs_tokens.png`. A method that
   does not run on the model (`flowcut` on Qwen-VL: no CLS token) is skipped, its one-line reason
@@ -37,7 +39,7 @@ from PIL import Image
 
 import vlmprune
 from vlmprune.eval import DEFAULT_METHODS, EMBEDDED_MODELS, SHAPES_DEFAULT_LIMIT
-from vlmprune.eval.fidelity import Generation, agreement, first_token_kl, greedy
+from vlmprune.eval.fidelity import Generation, agreement, eos_ids, first_token_kl, greedy
 from vlmprune.eval.qwen import load_processor, patchify, unpatchify
 from vlmprune.eval.tiny import PAD, left_pad, llava_7b_config, qwen2_5_vl_7b_config, tiny_llava, tiny_qwen
 from vlmprune.eval.visualise import overlay_grid, plot_sweep
@@ -357,6 +359,7 @@ class Item:
     image: Any
     prompt: str
     answer: str | None = None
+    then: Item | None = None  # the conversation's next turn (two-turn tasks), asked on the same KV cache
 
 
 class Task(Protocol):
@@ -441,6 +444,15 @@ def shapes_task(directory: str | None, limit: int | None) -> ItemsTask:
     return ItemsTask("shapes", items, shapes.score)
 
 
+def two_turn_task(directory: str | None, limit: int | None) -> ItemsTask:
+    """The shapes benchmark as two-turn conversations: items 2i and 2i+1 of `shapes_task` are turn 1
+    and turn 2 of conversation i (`limit` conversations); pruning is known to degrade in multi-turn
+    dialogue (LLMC+, 2025): turn 2's image is pruned on a cache that holds turn 1's pruned image."""
+    single = shapes_task(directory, 2 * (limit or SHAPES_DEFAULT_LIMIT))
+    pairs = [replace(a, id=f"{a.id}+{b.id}", then=b) for a, b in zip(single.item_list[::2], single.item_list[1::2])]
+    return ItemsTask("shapes-two-turn", pairs[:limit] if limit is not None else pairs, single.scorer)
+
+
 def default_data(model: str) -> str | None:
     """The task a sweep runs when none is given: the embedded benchmark for a model trained on it,
     random images (fidelity only) for any other."""
@@ -448,9 +460,11 @@ def default_data(model: str) -> str | None:
 
 
 def make_task(data: str | None, limit: int | None) -> Task:
-    """None -> random images (fidelity); 'shapes' or 'shapes:DIR'; or a JSONL file."""
+    """None -> random images (fidelity); 'shapes' or 'shapes:DIR'; 'shapes-two-turn[:DIR]'; or a JSONL file."""
     if data is None:
         return random_images(limit or 8)
+    if data == "shapes-two-turn" or data.startswith("shapes-two-turn:"):
+        return two_turn_task(data.partition(":")[2] or None, limit)
     if data == "shapes" or data.startswith("shapes:"):
         return shapes_task(data.partition(":")[2] or None, limit)
     return jsonl_task(data, limit)
@@ -534,6 +548,7 @@ class Loaded:
     item: Item
     image: Image.Image | None = None
     error: str | None = None
+    then_image: Image.Image | None = None  # the next turn's (two-turn tasks)
 
 
 def load_items(items: Iterable[Item]) -> list[Loaded]:
@@ -541,7 +556,7 @@ def load_items(items: Iterable[Item]) -> list[Loaded]:
     out = []
     for it in items:
         try:
-            out.append(Loaded(it, load_image(it.image)))
+            out.append(Loaded(it, load_image(it.image), then_image=load_image(it.then.image) if it.then else None))
         except Exception as e:  # noqa: BLE001 -- a bad item is recorded, the sweep goes on
             out.append(Loaded(it, error=f"{type(e).__name__}: {e}"))
     return out
@@ -557,19 +572,62 @@ class Outputs:
     raw: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
 
 
-def run_batch(vlm: VLM, batch: list[Loaded], max_new_tokens: int) -> tuple[Generation, list[list[int]], list[int]]:
+def run_batch(vlm: VLM, batch: list[Loaded], max_new_tokens: int
+              ) -> tuple[Generation, list[list[int]], list[int], list[list[int]] | None]:
     """Greedy generation on one batch; the kept visual tokens per image and the prefill length
-    (real tokens, after pruning) of each row."""
+    (real tokens, after pruning) of each row; with two-turn items, of turn 2, and turn 1's answers."""
+    if batch[0].item.then is not None:
+        return run_two_turns(vlm, batch, max_new_tokens)
     inputs = vlm.inputs([b.image for b in batch], [b.item.prompt for b in batch])
     gen = greedy(vlm.model, inputs, max_new_tokens)
+    kept, lengths = kept_and_lengths(vlm, inputs, inputs["attention_mask"])
+    return gen, kept, lengths, None
+
+
+def kept_and_lengths(vlm: VLM, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """Each row's kept visual tokens per image in the latest prefill of `inputs`, and its real tokens
+    after pruning (`mask`: the attention mask of the prefill's own tokens)."""
     counts = vlm.visual_counts(inputs)
     if vlmprune.is_patched(vlm.model):
         kept = [[len(s) for s in row] for row in vlmprune.last_selection(vlm.model)]
     else:
         kept = counts
-    lengths = [int(t) - sum(n - k for n, k in zip(ns, ks))
-               for t, ns, ks in zip(inputs["attention_mask"].sum(1).tolist(), counts, kept)]
-    return gen, kept, lengths
+    lengths = [int(t) - sum(n - k for n, k in zip(ns, ks)) for t, ns, ks in zip(mask.sum(1).tolist(), counts, kept)]
+    return kept, lengths
+
+
+def run_two_turns(vlm: VLM, batch: list[Loaded], max_new_tokens: int
+                  ) -> tuple[Generation, list[list[int]], list[int], list[list[int]]]:
+    """Turn 1 (each item's image and question) answered greedily, then turn 2 (`item.then`) generated
+    on the same KV cache: its new tokens are turn 1's last answer token (not cached yet; EOS added
+    where the answer did not end), then turn 2's prompt (without BOS), and its mask spans the whole
+    conversation (0 after each answer's EOS, where generate() padded the finished rows)."""
+    from transformers import DynamicCache
+
+    first = vlm.inputs([b.image for b in batch], [b.item.prompt for b in batch])
+    cache = DynamicCache()
+    gen1 = greedy(vlm.model, {**first, "cache": cache}, max_new_tokens)
+    second = vlm.inputs([b.then_image for b in batch], [b.item.then.prompt for b in batch])
+    eos, bos = min(eos_ids(vlm.model)), vlm.model.generation_config.bos_token_id
+    steps = gen1.forwards  # generated columns; the cache holds all but the last
+    rows, answered, late = [], [], []
+    for r, answer in enumerate(gen1.tokens):
+        n = len(answer)  # the answer's EOS (if any) is column n
+        last = answer[steps - 1] if n >= steps else (eos if n == steps - 1 else PAD)
+        prompt = second["input_ids"][r][second["attention_mask"][r].bool()].tolist()
+        rows.append([last] + [eos] * (n >= steps) + prompt[int(prompt[:1] == [bos]):])
+        answered.append([int(j <= n) for j in range(steps - 1)])
+        late.append(n < steps - 1)  # the last column is padding after the answer
+    ids, mask = left_pad(rows)
+    for r, row in enumerate(rows):
+        mask[r, ids.shape[1] - len(row)] = int(not late[r])
+    call = {k: v for k, v in second.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    whole = torch.cat([first["attention_mask"], torch.tensor(answered, dtype=torch.long).view(len(rows), -1).to(vlm.device),
+                       mask.to(vlm.device)], 1)
+    call.update(input_ids=ids.to(vlm.device), attention_mask=whole, cache=cache)
+    gen2 = greedy(vlm.model, call, max_new_tokens)
+    kept, lengths = kept_and_lengths(vlm, call, mask)
+    return gen2, kept, lengths, gen1.tokens
 
 
 def run_cell(vlm: VLM, loaded: list[Loaded], batch_size: int, max_new_tokens: int,
@@ -597,7 +655,7 @@ def run_cell(vlm: VLM, loaded: list[Loaded], batch_size: int, max_new_tokens: in
 def attempt(vlm: VLM, batch: list[Loaded], max_new_tokens: int, out: Outputs) -> list[Loaded]:
     """Run `batch` into `out`; returns the items that failed even alone (with their error)."""
     try:
-        gen, kept, lengths = run_batch(vlm, batch, max_new_tokens)
+        gen, kept, lengths, turn1 = run_batch(vlm, batch, max_new_tokens)
     except Exception as e:  # noqa: BLE001 -- isolate the failing item, record it, go on
         if len(batch) == 1:
             return [Loaded(batch[0].item, error=f"{type(e).__name__}: {e}")]
@@ -606,10 +664,11 @@ def attempt(vlm: VLM, batch: list[Loaded], max_new_tokens: int, out: Outputs) ->
                         "prefill_len": gen.prefill_len})
     for i, lo in enumerate(batch):
         out.raw[lo.item.id] = (gen.first_logits[i], gen.tokens[i])
-        out.records.append({
-            "id": lo.item.id, "prediction": vlm.decode(gen.tokens[i]), "answer": lo.item.answer,
-            "visual_tokens": kept[i], "prefill_tokens": lengths[i],
-        })
+        record = {"id": lo.item.id, "prediction": vlm.decode(gen.tokens[i]), "answer": lo.item.answer,
+                  "visual_tokens": kept[i], "prefill_tokens": lengths[i]}
+        if turn1 is not None:  # scored on turn 2; turn 1 kept beside it
+            record.update(answer=lo.item.then.answer, turn1_prediction=vlm.decode(turn1[i]), turn1_answer=lo.item.answer)
+        out.records.append(record)
     return []
 
 
@@ -620,6 +679,8 @@ def score_records(task: Task, out: Outputs, reference: Outputs | None) -> None:
             continue
         if rec.get("answer") is not None:
             rec["correct"] = task.score(rec["prediction"], rec["answer"])
+        if rec.get("turn1_answer") is not None:
+            rec["turn1_correct"] = task.score(rec["turn1_prediction"], rec["turn1_answer"])
         ref = reference.raw.get(rec["id"]) if reference else None
         if ref is not None:
             logits, tokens = out.raw[rec["id"]]
@@ -651,6 +712,7 @@ def summarise(cell: Cell, out: Outputs, n_visual: int) -> dict[str, Any]:
         "visual_tokens": visual_tokens(cell, out.records, n_visual), "items": len(out.records),
         "errors": len(out.records) - len(ok),
         "accuracy": mean([r["correct"] for r in with_answer]) if has_answers else None,
+        "turn1_accuracy": mean([r["turn1_correct"] for r in ok if "turn1_correct" in r]),
         "agreement": mean([r["agree"] for r in ok if "agree" in r]),
         "kl": mean([r["kl"] for r in ok if "kl" in r]),
         "prefill_tokens": mean([r["prefill_tokens"] for r in ok]),
@@ -701,8 +763,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-CSV_COLUMNS = ("method", "keep", "prune_ratio", "visual_tokens", "metric_name", "metric", "accuracy", "agreement",
-               "kl", "prefill_tokens", "prefill_ms", "ttft_ms", "items", "errors")
+CSV_COLUMNS = ("method", "keep", "prune_ratio", "visual_tokens", "metric_name", "metric", "accuracy", "turn1_accuracy",
+               "agreement", "kl", "prefill_tokens", "prefill_ms", "ttft_ms", "items", "errors")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
