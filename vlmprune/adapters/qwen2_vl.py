@@ -222,7 +222,9 @@ class QwenVLAdapter(Adapter):
         pos = inputs.get("position_ids")
         if pos is not None and pos.ndim == 3 and pos.shape[0] == 3:
             return pos
-        own = self.full_positions(dict(inputs, position_ids=None, attention_mask=None if mask is None else mask[:, past:]))
+        grids = {f"{kind}_grid_thw": self.patch_grids(inputs, kind) for kind in KINDS}
+        own = self.full_positions(dict(inputs, position_ids=None, attention_mask=None if mask is None else mask[:, past:],
+                                       **grids))
         deltas = state.rope_deltas if state is not None else self.model.model.rope_deltas
         seen = mask[:, :past].sum(1) if mask is not None else torch.full((own.shape[1],), past)
         start = seen.to(own.device) + (0 if deltas is None else deltas[:, 0].to(own.device))
@@ -250,6 +252,22 @@ class QwenVLAdapter(Adapter):
             out[kind] = result
         return out
 
+    def patch_grids(self, inputs: dict[str, Any], kind: str) -> torch.Tensor | None:
+        """[items, 3] (t, h, w) patch grids of a call's items of `kind`: given, or (generate() encodes
+        before the prefill and drops them) from the token grids recorded when they were encoded."""
+        given, out = inputs.get(f"{kind}_grid_thw"), (inputs.get("mm_encoder_outputs") or {}).get(kind)
+        if given is not None or out is None:
+            return given
+        m, thw = self.merge, []
+        for f in out.pooler_output:
+            g = self.recorded_grid(f)
+            if g is None:
+                raise ValueError(f"vlmprune: {kind} features given without {kind}_grid_thw (one (t, h, w) row per "
+                                 f"{kind}); pass it, or pass the pixels")
+            t = g[2] if len(g) > 2 else 1
+            thw.append([t, g[0] * m // t, g[1] * m])
+        return torch.tensor(thw)
+
     def after_prefill(self, state: DecodeState) -> None:
         self.model.model.rope_deltas = state.rope_deltas  # what HF's own decode steps read
 
@@ -257,7 +275,7 @@ class QwenVLAdapter(Adapter):
         """generate() passes the unpruned ids (they stay right); without ids, each new token's id is
         its row's attended count so far (pruned cache) - 1 + the row's pruned rope delta."""
         pos = inputs.get("position_ids")
-        if state.turns and pos is not None and pos.ndim == 3 and pos.shape[0] == 4:  # generate()'s, by HF's rule: see turn_positions
+        if state.turns and pos is not None and pos.shape[0] != 3:  # generate()'s, by HF's text rule: see turn_positions
             inputs = dict(inputs, position_ids=None)
         out = super().decode_inputs(state, inputs)
         if out.get("position_ids") is None and state.rope_deltas is not None:
