@@ -9,6 +9,7 @@ from typing import Any
 from vlmprune.scorers import Scorer, build_scorer, scorer_class
 
 POSITION_MODES = ("compact", "original")
+VIEW_SCORES = ("normalised", "raw")  # any-resolution families: how the attention rows of an image's views compare
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PruneConfig:
     prune_ratio: float | None = None
     positions: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """Adapter options given to `patch` (`view_scores`), only those given; the family refuses those it has not."""
 
     @property
     def vision_stage(self) -> Stage | None:
@@ -115,6 +117,7 @@ def make_config(
     keep: int | None = None,
     prune_ratio: float | None = None,
     positions: str | None = None,
+    view_scores: str | None = None,
     **method_kwargs: Any,
 ) -> PruneConfig:
     """Validate the arguments of `patch` and build the scorers."""
@@ -122,8 +125,11 @@ def make_config(
         scorer_class(method)  # unknown method is reported before anything else
     if positions is not None and positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES} or None (family default), got {positions!r}")
+    if view_scores is not None and view_scores not in VIEW_SCORES:
+        raise ValueError(f"view_scores must be one of {list(VIEW_SCORES)} or None (family default), got {view_scores!r}")
     stages = _stages(method, method_kwargs)
     if keep is not None or prune_ratio is not None or not all(s.keep is not None or s.prune_ratio is not None
                                                                for s in stages):
         _check_amount(keep, prune_ratio)  # needed unless every stage gives its own
-    return PruneConfig(stages=stages, keep=keep, prune_ratio=prune_ratio, positions=positions)
+    extra = {} if view_scores is None else {"view_scores": view_scores}
+    return PruneConfig(stages=stages, keep=keep, prune_ratio=prune_ratio, positions=positions, extra=extra)
