@@ -40,12 +40,15 @@ def patch(
     keep: int | None = None,
     prune_ratio: float | None = None,
     positions: str | None = None,
+    view_scores: str | None = None,
     **method_kwargs: Any,
 ) -> torch.nn.Module:
     """Make `model` prune visual tokens with `method`, keeping `keep` per image (or removing
     the fraction `prune_ratio`). In place; returns the model. A failed call leaves it untouched;
-    patching a patched model replaces its config."""
-    config = make_config(method, keep=keep, prune_ratio=prune_ratio, positions=positions, **method_kwargs)
+    patching a patched model replaces its config. `positions` and `view_scores` (any-resolution
+    families: "normalised" or "raw" attention rows per view) are the family's options; None: its default."""
+    config = make_config(method, keep=keep, prune_ratio=prune_ratio, positions=positions, view_scores=view_scores,
+                         **method_kwargs)
     adapter = find_adapter(model)(model, config)
     previous = model.__dict__.get(_ADAPTER)
     if previous is not None:
