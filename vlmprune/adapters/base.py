@@ -179,6 +179,8 @@ class Adapter:
     README's method x family table is computed from, without building a model."""
     fallbacks: ClassVar[dict[str, str]] = {}
     """signal name -> how this family computes it where it differs from the method's paper."""
+    options: ClassVar[tuple[str, ...]] = ()
+    """The adapter options of `patch` (`PruneConfig.extra`) this family takes (`view_scores`: any-resolution)."""
 
     def __init__(self, model: nn.Module, config: PruneConfig):
         self.model = model
@@ -190,6 +192,10 @@ class Adapter:
                 f"positions={config.positions!r} is not defined for {type(model).__name__}; use one of "
                 f"{list(self.position_modes)} (DESIGN §2)"
             )
+        for name, value in config.extra.items():
+            if name not in self.options:
+                raise ValueError(f"{name}={value!r} is not an option of {type(model).__name__}; its options: "
+                                 f"{list(self.options) or 'none'} (DESIGN §1)")
         self.info = self.encoder_info()
         self.stage = config.vision_stage
         self.request = Request()
