@@ -7,7 +7,8 @@ pruned with `vlmprune.patch`.
 
 model_args: `pretrained` (a local directory, a hub id, or an embedded model: `shapes-llava`,
 `shapes-qwen2-vl`), `method` (a vlmprune method; absent or `none`: the unpatched model), `keep` or
-`prune_ratio`, `positions`, `attn_implementation` (default sdpa), `batch_size`, `device` (default
+`prune_ratio`, `positions`, `view_scores` (LLaVA-NeXT / OneVision: `normalised` or `raw` attention rows
+per view), `attn_implementation` (default sdpa), `batch_size`, `device` (default
 auto: cuda when available), `dtype` (auto: bf16 on CUDA, fp32 on CPU; or float16 / bfloat16 /
 float32), `min_pixels` / `max_pixels` (Qwen-VL processors only), and any option of the method (e.g.
 `layer=-3` for cls). Values here win over lmms-eval's own `--batch_size` / `--device`.
@@ -47,9 +48,10 @@ from vlmprune.eval.qwen import set_pixels
 from vlmprune.eval.sweep import RANDOM_MODELS, HFVLM, chat_text, load_vlm
 from vlmprune.scorers import available_methods, scorer_options
 
-MODEL_ARGS = ("pretrained", "method", "keep", "prune_ratio", "positions", "attn_implementation", "batch_size",
-              "device", "dtype", "min_pixels", "max_pixels")
-TEXT_ARGS = ("pretrained", "method", "positions", "attn_implementation", "device", "dtype")  # never parsed as numbers
+MODEL_ARGS = ("pretrained", "method", "keep", "prune_ratio", "positions", "view_scores", "attn_implementation",
+              "batch_size", "device", "dtype", "min_pixels", "max_pixels")
+TEXT_ARGS = ("pretrained", "method", "positions", "view_scores", "attn_implementation", "device",
+             "dtype")  # never parsed as numbers
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -94,11 +96,12 @@ def parse_model_args(text: str) -> dict[str, Any]:
     return args
 
 
-def check_pruning(method: str | None, keep: Any, prune_ratio: Any, positions: Any, options: dict[str, Any]) -> None:
+def check_pruning(method: str | None, keep: Any, prune_ratio: Any, positions: Any, options: dict[str, Any],
+                  view_scores: Any = None) -> None:
     """Reject bad pruning arguments before any model is loaded."""
     if method is None:
-        given = {k: v for k, v in dict(keep=keep, prune_ratio=prune_ratio, positions=positions, **options).items()
-                 if v is not None}
+        given = {k: v for k, v in dict(keep=keep, prune_ratio=prune_ratio, positions=positions,
+                                       view_scores=view_scores, **options).items() if v is not None}
         if given:
             raise ValueError(f"vlmprune model_args {given} need a method (one of {available_methods()}); "
                              f"method=none runs the unpatched model")
@@ -108,7 +111,7 @@ def check_pruning(method: str | None, keep: Any, prune_ratio: Any, positions: An
     if unknown:
         raise ValueError(f"vlmprune model_args: unknown key(s) {unknown}; allowed: {list(MODEL_ARGS)} and, "
                          f"for method {method!r}, {sorted(allowed)}")
-    make_config(method, keep=keep, prune_ratio=prune_ratio, positions=positions, **options)
+    make_config(method, keep=keep, prune_ratio=prune_ratio, positions=positions, view_scores=view_scores, **options)
 
 
 class VLMPrune(lmms):
@@ -121,6 +124,7 @@ class VLMPrune(lmms):
         keep: int | None = None,
         prune_ratio: float | None = None,
         positions: str | None = None,
+        view_scores: str | None = None,
         attn_implementation: str = "sdpa",
         batch_size: int | str = 1,
         device: str = "auto",
@@ -131,7 +135,7 @@ class VLMPrune(lmms):
     ) -> None:
         super().__init__()
         method = None if method in (None, "none") else method
-        check_pruning(method, keep, prune_ratio, positions, method_options)
+        check_pruning(method, keep, prune_ratio, positions, method_options, view_scores)
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"vlmprune model_args: batch_size must be a positive int, got {batch_size!r}")
         self.batch_size_per_process = int(batch_size)
@@ -155,7 +159,7 @@ class VLMPrune(lmms):
         self.method = method
         if method is not None:
             vlmprune.patch(self.vlm.model, method, keep=keep, prune_ratio=prune_ratio, positions=positions,
-                           **method_options)
+                           view_scores=view_scores, **method_options)
         amount = f"keep={keep}" if keep is not None else f"prune_ratio={prune_ratio}"
         self.pruning = "unpatched" if method is None else f"{method} {amount}"
         self.kept_tokens = 0  # visual tokens kept, summed over the images generate_until saw
