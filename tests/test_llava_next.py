@@ -11,13 +11,14 @@ import torch
 
 import vlmprune
 from tests.test_qwen import placed
-from vlmprune.adapters.llava_next import LlavaNextAdapter, set_view_scores
+from vlmprune.adapters.llava_next import LlavaNextAdapter
 from vlmprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmprune.eval.tiny import (
     ANYRES_VIDEO,
     IMAGE_TOKEN,
     PAD,
     anyres_inputs,
+    tiny_llava,
     tiny_llava_next,
 )
 from vlmprune.scorers import scorer_class
@@ -319,19 +320,19 @@ def view_cls_reference(model, inputs, mode: str) -> torch.Tensor:
     return att.flatten()[match.float().argmax(1)]
 
 
-@pytest.mark.parametrize("mode", ["normalised", "raw"])
+@pytest.mark.parametrize("mode", [None, "normalised", "raw"])
 def test_cls_scores_every_view_with_its_own_cls_row(mode):
+    """`view_scores` at patch time (None: the default, normalised): == the eager per-view rows,
+    normalised or raw; the two modes keep different tokens here."""
     eager = tiny_llava_next("llava_next", attn="eager", seed=10)
     inputs = anyres_inputs(eager, [[("image", (40, 60))]], seed=11)
-    vlmprune.patch(eager, "cls", keep=9)
-    if mode == "raw":
-        set_view_scores(eager, "raw")
+    vlmprune.patch(eager, "cls", keep=9, view_scores=mode)
     with torch.no_grad():
         eager(**inputs)
-    scores = view_cls_reference(eager, inputs, mode)
-    assert torch.equal(
-        vlmprune.last_selection(eager)[0][0], scores.topk(9).indices.sort().values
-    )
+    got = vlmprune.last_selection(eager)[0][0]
+    for ref in ("normalised", "raw"):
+        want = view_cls_reference(eager, inputs, ref).topk(9).indices.sort().values
+        assert torch.equal(got, want) == (ref == (mode or "normalised")), ref
 
 
 def test_grids_uniform_spreads_over_views_and_base_only_images_keep_the_tower_grid():
@@ -359,11 +360,17 @@ def test_errors_are_clear():
     vlmprune.patch(model, "cls", keep=4)
     with pytest.raises(
         ValueError,
-        match=r"view_scores must be one of \['normalised', 'raw'\], got 'mean'",
+        match=r"view_scores must be one of \['normalised', 'raw'\] or None \(family default\), got 'mean'",
     ):
-        set_view_scores(model, "mean")
-    with pytest.raises(TypeError, match="not a patched LLaVA-NeXT"):
-        set_view_scores(tiny_llava_next("llava_onevision"), "raw")
+        vlmprune.patch(model, "cls", keep=7, view_scores="mean")
+    assert (
+        model._vlmprune_adapter.config.keep == 4
+    )  # a failed patch leaves the model as it was
+    with pytest.raises(
+        ValueError,
+        match=r"view_scores='raw' is not an option of LlavaForConditionalGeneration; its options: none",
+    ):
+        vlmprune.patch(tiny_llava(), "cls", keep=4, view_scores="raw")
     inputs = anyres_inputs(model, [[("image", (40, 60))]], seed=15)
     vlmprune.unpatch(model)
     with torch.no_grad():

@@ -16,7 +16,7 @@ are no crops). LLaVA-OneVision (`llava_onevision.py`) packs the same way.
   bilinear downscale of large crop grids), so every token gets the signal of the patch it came
   from. Per-token encoder signals (`keys`, `value_norms`, `vision_hidden`) keep the base view's CLS
   entry at 0. No `attn_graph` (tokens of different views never attend to each other).
-- Comparable views (`view_scores`, see `set_view_scores`): `"normalised"` (default) divides each
+- Comparable views (`vlmprune.patch(..., view_scores=...)`): `"normalised"` (default) divides each
   view's attention row by its sum over the view's patches, so that every view's scores are a
   distribution over its own patches whatever mass its CLS row puts on itself; `"raw"` keeps the
   softmax values as each view computes them.
@@ -44,7 +44,6 @@ from vlmprune.adapters.vit import SignalHooks
 from vlmprune.kernels.select import to_device
 from vlmprune.scorers.base import EncoderInfo
 
-VIEW_SCORES = ("normalised", "raw")
 ROWS = (
     "cls_attn",
     "cls_value_attn",
@@ -91,10 +90,13 @@ class LlavaNextAdapter(LlavaAdapter):
             PROVIDES,
         )
     }
-    view_scores = "normalised"  # see `set_view_scores`
+    options = ("view_scores",)
 
     def __init__(self, model, config):
         super().__init__(model, config)
+        self.view_scores = config.extra.get(
+            "view_scores", "normalised"
+        )  # see the module's docstring
         self._recorded: dict[
             tuple[int, int], tuple[weakref.ref, torch.Tensor, Item]
         ] = {}  # see `packed_row`
@@ -368,18 +370,3 @@ def packed_row(pooler: Any, j: int) -> tuple[torch.Tensor, torch.Tensor]:
 def visual_rows(packed: torch.Tensor, item: Item) -> torch.Tensor:
     """An item's packed rows without its newline rows."""
     return packed.index_select(0, to_device(item.visual, packed.device))
-
-
-def set_view_scores(model: torch.nn.Module, mode: str) -> None:
-    """How a patched LLaVA-NeXT / OneVision model makes attention scores of different views
-    comparable: "normalised" (each view's row over its patches sums to 1) or "raw"."""
-    if mode not in VIEW_SCORES:
-        raise ValueError(
-            f"view_scores must be one of {list(VIEW_SCORES)}, got {mode!r}"
-        )
-    adapter = model.__dict__.get("_vlmprune_adapter")
-    if not isinstance(adapter, LlavaNextAdapter):
-        raise TypeError(
-            f"set_view_scores: {type(model).__name__} is not a patched LLaVA-NeXT / OneVision model"
-        )
-    adapter.view_scores = mode
