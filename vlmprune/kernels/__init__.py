@@ -1,4 +1,7 @@
-"""Selection kernels: each has a torch reference (`*_ref`) and a dispatcher."""
+"""Selection kernels. Each kernel X is three modules (DESIGN §4), imported one way only:
+`X` (the dispatcher: Triton on CUDA, the reference elsewhere) -> `X_triton` (the Triton kernel,
+imported inside the dispatcher: Triton is optional) -> `X_ref` (the torch reference, its input
+checks and constants)."""
 
 from vlmprune.kernels.maxmin import maxmin_naive_ref, maxmin_select, maxmin_select_ref
 from vlmprune.kernels.select import gather_rows, select_tokens, select_tokens_ref

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmprune.kernels.select import to_device
+from vlmprune.kernels.select_ref import to_device
 
 
 @dataclass

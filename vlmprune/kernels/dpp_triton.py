@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.dpp import EPS, _check, dpp_greedy_ref
-from vlmprune.kernels.select import to_device
+from vlmprune.kernels.dpp_ref import EPS, _check, dpp_greedy_ref
+from vlmprune.kernels.select_ref import to_device
 from vlmprune.kernels.select_triton import row_budget, store_ascending
 
 MAX_N = 8192

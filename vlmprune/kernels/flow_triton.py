@@ -14,10 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmprune.kernels.flow import TINY, FlowSchedule, _check, flowcut_select_ref
-from vlmprune.kernels.select import to_device
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.select_triton import order_keys, row_budget, store_ascending, top_mask
+from vlmprune.kernels.flow_ref import TINY, FlowSchedule, _check, flowcut_select_ref
+from vlmprune.kernels.select_ref import to_device
+from vlmprune.kernels.select_triton import (
+    order_keys,
+    row_budget,
+    store_ascending,
+    top_mask,
+)
 
 MAX_N = 8192
 """Longest row one program holds in registers; longer rows use the torch reference."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmprune.kernels.select import to_device
+from vlmprune.kernels.select_ref import to_device
 
 CHUNK_BYTES = 2**28
 """Most bytes of float32 attention probabilities one query chunk may hold while a graph is built."""

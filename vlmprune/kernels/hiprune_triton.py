@@ -14,9 +14,14 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.hiprune import _check, hiprune_select_ref
-from vlmprune.kernels.select import to_device
-from vlmprune.kernels.select_triton import order_keys, row_budget, store_ascending, top_mask
+from vlmprune.kernels.hiprune_ref import _check, hiprune_select_ref
+from vlmprune.kernels.select_ref import to_device
+from vlmprune.kernels.select_triton import (
+    order_keys,
+    row_budget,
+    store_ascending,
+    top_mask,
+)
 
 MAX_N = 8192
 """Longest row one program holds in registers; longer rows use the torch reference."""

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmprune.kernels.maxmin import NORM_EPS2, gram_sum, maxmin_select_ref
-from vlmprune.kernels.select import to_device
 from vlmprune.kernels.dispatch import interpreted
+from vlmprune.kernels.maxmin_ref import NORM_EPS2, gram_sum, maxmin_select_ref
+from vlmprune.kernels.select_ref import to_device
 from vlmprune.kernels.select_triton import row_budget, store_ascending
 
 MAX_N = 8192

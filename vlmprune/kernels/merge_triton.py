@@ -19,8 +19,14 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.merge import _check, keep_first, visionzip_merge_ref
-from vlmprune.kernels.select_triton import _FEAT_DTYPES, dot, order_keys, store_ascending, top_mask
+from vlmprune.kernels.merge_ref import _check, keep_first, visionzip_merge_ref
+from vlmprune.kernels.select_triton import (
+    _FEAT_DTYPES,
+    dot,
+    order_keys,
+    store_ascending,
+    top_mask,
+)
 
 MAX_N = 8192
 """Longest row one program holds in registers; longer rows use the torch reference."""

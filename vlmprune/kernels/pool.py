@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from vlmprune.kernels.select import to_device
+from vlmprune.kernels.select_ref import to_device
 
 ANCHORS = ("centre", "first")
 

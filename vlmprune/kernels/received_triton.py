@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.received import _check, received_attention_ref
+from vlmprune.kernels.received_ref import _check, received_attention_ref
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.rows import _check, attention_rows_ref, softmax_mean
-from vlmprune.kernels.select import to_device
+from vlmprune.kernels.rows_ref import _check, attention_rows_ref, softmax_mean
+from vlmprune.kernels.select_ref import to_device
 
 ROW_ELEMS = 4096
 """Key elements a program reads ([BLOCK_T, D]): small tiles in many programs were fastest on an
@@ -78,7 +78,7 @@ def _rows_kernel(
     head = tl.arange(0, HEADS)
     out = logits_ptr + (pid * n_tokens + tok[:, None]) * HEADS + head[None, :]
     tl.store(out, logits.to(tl.float32), mask=live[:, None])
-    if NORMS:
+    if NORMS:  # noqa: SIM102 (a constexpr branch: Triton compiles it away; `and` would not)
         if row >= norms_from:
             norms = tl.sqrt(tl.sum(k * k, axis=1))
             tl.store(norms_ptr + ((row - norms_from) * n_images + img) * n_tokens + tok, norms, mask=live)

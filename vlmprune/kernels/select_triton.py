@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from vlmprune.kernels.dispatch import interpreted
-from vlmprune.kernels.select import _check, select_tokens_ref, to_device
+from vlmprune.kernels.select_ref import _check, select_tokens_ref, to_device
 
 MAX_N = 16384
 """Longest row one program holds in registers; longer rows use the torch reference."""
