@@ -71,6 +71,7 @@ class Run:
     valid: list[int] = field(default_factory=list)  # prefill: attended tokens per row (host)
     places: Any = None  # per image its tokens' flat places: host arrays, then after the first cut [I, N] on the device
     rows: list[int] = field(default_factory=list)  # per image: its row
+    structure: Any = None  # prefill: flat places of structure tokens (newlines; host), then [B, L] bool: never text
     cuts: list[Cut] = field(default_factory=list)  # prefill: made as the layers run; decode: the prefill's
     length: int = 0  # decode: the decoder input length of the prefill
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> its attention's inputs
@@ -262,6 +263,11 @@ class DecoderStages:
         text_after = torch.arange(length, device=device)[None, :] > last[:, None]  # the instruction
         if mask is not None:
             text_after &= mask.bool()
+        if isinstance(run.structure, np.ndarray):  # the first cut: from the host
+            flat = mark(torch.zeros(b * length, dtype=torch.bool, device=device), to_device(run.structure, device), True)
+            run.structure = flat.view(b, length)
+        if run.structure is not None:
+            text_after &= ~run.structure
         at = point.layer if request.text_attn_own else point.layer - 1
         if at in request.text_attn:
             own = (hidden, rotary) if at == point.layer else None
@@ -296,6 +302,8 @@ class DecoderStages:
         safe = cols.clamp(min=0)
         new_mask = (cols >= 0) if mask is None else mask.bool().gather(1, safe) & (cols >= 0)
         run.cuts.append(Cut(cols, new_mask.long(), chosen, kept, length))
+        if run.structure is not None:
+            run.structure = run.structure.gather(1, safe) & (cols >= 0)
         run.captured.pop(point.layer - 1, None)  # read by this point only
         # the places of the images' kept tokens in the new sequence, for a later cut (on the device)
         where = torch.full((b * length + 1,), -1, dtype=torch.long, device=device)
