@@ -397,3 +397,26 @@ def test_errors_are_clear():
 
 def test_supported_models_lists_both_families():
     assert {"llava_next", "llava_onevision"} <= set(vlmprune.supported_models())
+
+
+def test_fastv_text_query_skips_the_trailing_newline():
+    """`fastv` with `query="text"` averages the attention rows of the text after the image: the
+    image's trailing `image_newline` (structure) is not one of them (eager reference at layer 0)."""
+    eager = tiny_llava_next("llava_next", attn="eager", seed=16)
+    inputs = anyres_inputs(eager, [[("image", (40, 60))]], seed=17, after=1)
+    with torch.no_grad():
+        att = eager(**inputs, output_attentions=True).attentions[0][0].mean(0)
+    places = torch.nonzero(inputs["input_ids"][0] == IMAGE_TOKEN).flatten()
+    lines = places[newline_places(eager, hf_packed(eager, inputs)[0])]
+    visual = places[~torch.isin(places, lines)]
+    end = int(places[-1]) + 1  # the run ends with a newline
+    assert int(lines[-1]) == end - 1
+    rank = lambda first: att[first:, visual].mean(0).topk(6).indices.sort().values
+    want, with_newline = rank(end), rank(end - 1)
+    assert not torch.equal(
+        want, with_newline
+    )  # the newline's row would change the choice
+    vlmprune.patch(eager, "fastv", layer=1, keep=6, query="text")
+    with torch.no_grad():
+        eager(**inputs)
+    assert torch.equal(vlmprune.last_selection(eager)[0][0], want)

@@ -350,12 +350,16 @@ class LlavaNextAdapter(LlavaAdapter):
         )
 
     def decoder_run(self, places, per_image, rows, mask, valid):
-        """As the base, over the visual tokens' places only (the newlines are never scored)."""
-        if self.decoder is not None and self._newlines is not None:
-            places = (
-                places[~np.concatenate(self._newlines)] if self._newlines else places
-            )
-        return super().decoder_run(places, per_image, rows, mask, valid)
+        """As the base, over the visual tokens' places only (the newlines are never scored), the
+        newlines' places marked as structure (never instruction text for `query="text"`)."""
+        lines = None
+        if self.decoder is not None and self._newlines:
+            is_line = np.concatenate(self._newlines)
+            places, lines = places[~is_line], places[is_line]
+        run = super().decoder_run(places, per_image, rows, mask, valid)
+        if run is not None:
+            run.structure = lines
+        return run
 
 
 def packed_row(pooler: Any, j: int) -> tuple[torch.Tensor, torch.Tensor]:
