@@ -19,14 +19,14 @@ import torch
 
 shapes = pytest.importorskip("vlmprune.eval.shapes")
 
-from vlmprune.eval import train_tiny  # noqa: E402
-from vlmprune.eval.tiny import left_pad  # noqa: E402
+from vlmprune.embedded import core, train
+from vlmprune.eval.tiny import left_pad
 
 FAMILIES = ("llava", "qwen2_vl")
 # what each family's processor and prompt give for one 336 px image
 EXPECT = {
     "llava": {"cls": "LlavaForConditionalGeneration", "n_visual": 576, "pixels": (1, 3, 336, 336),
-              "first": train_tiny.BOS_ID, "specials": ["<pad>", "<s>", "</s>", "<unk>", "<image>"]},
+              "first": core.BOS_ID, "specials": ["<pad>", "<s>", "</s>", "<unk>", "<image>"]},
     "qwen2_vl": {"cls": "Qwen2VLForConditionalGeneration", "n_visual": 144, "pixels": (576, 3 * 2 * 14 * 14),
                  "first": 5, "specials": ["<pad>", "<s>", "</s>", "<unk>", "<|image_pad|>", "<|vision_start|>",
                                           "<|vision_end|>", "<|video_pad|>"]},
@@ -43,14 +43,14 @@ def needs_family(name: str) -> None:
         if is_torchvision_available():
             try:
                 import torchvision  # noqa: F401
-            except Exception as e:  # a torchvision built for another torch
+            except Exception as e:  # noqa: BLE001 (a torchvision built for another torch fails anyhow)
                 pytest.skip(f"torchvision is installed but does not import: {e}")
 
 
 def _train(tmp_path_factory, name: str):
     needs_family(name)
     out = tmp_path_factory.mktemp(name)
-    assert train_tiny.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", name]) == 0
+    assert train.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", name]) == 0
     return out
 
 
@@ -60,7 +60,7 @@ def _load(path, name: str):
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        model = train_tiny.get_family(name).model_class().from_pretrained(path, local_files_only=True,
+        model = train.get_family(name).model_class().from_pretrained(path, local_files_only=True,
                                                                           dtype=torch.float32)
         processor = load_processor(path, local_files_only=True)  # AutoProcessor (images only without torchvision)
     finally:
@@ -112,7 +112,7 @@ def uint8_images(items) -> torch.Tensor:
 def random_model(name: str, processor, attn: str = "sdpa"):
     """A fresh quick-size model of the family, its weights shaken (N(0, 0.3) added) so that its
     greedy answers differ from item to item: checks on its outputs bite."""
-    fam = train_tiny.get_family(name)
+    fam = train.get_family(name)
     model = fam.build_model(fam.quick_arch, len(processor.tokenizer), attn=attn, seed=1).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_quick_run_writes_the_artifacts(trained, family):
     from safetensors import safe_open
 
     with safe_open(str(trained / "model.safetensors"), "pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert dtypes == {"F16"}
 
 
@@ -148,7 +148,7 @@ def test_continued_run_starts_from_the_saved_model(trained, family, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "continued"
-    assert train_tiny.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", family,
+    assert train.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", family,
                             "--init", str(trained), "--pool-start", "1000", "--lr", "0"]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["args"]["init"] == str(trained) and log["times"]["stage1_steps"] == 0
@@ -163,7 +163,7 @@ def test_reloaded_config_is_llava15_shaped(artifacts):
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
     assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
-    assert cfg.image_token_id == train_tiny.IMAGE_ID
+    assert cfg.image_token_id == core.IMAGE_ID
 
 
 def test_reloaded_config_is_qwen2_vl_shaped(artifacts):
@@ -177,7 +177,7 @@ def test_reloaded_config_is_qwen2_vl_shaped(artifacts):
     section = t.rope_parameters["mrope_section"]
     assert sum(section) == t.hidden_size // t.num_attention_heads // 2
     tok = processor.tokenizer
-    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") == train_tiny.IMAGE_ID
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") == core.IMAGE_ID
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
     assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
     assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>") != tok.unk_token_id
@@ -187,10 +187,10 @@ def test_reloaded_config_is_qwen2_vl_shaped(artifacts):
 
 def test_default_qwen2_vl_fits_in_10_mib(tmp_path):
     """The default Qwen2-VL sizes with the full vocabulary: fp16 safetensors of at most 10 MiB."""
-    fam = train_tiny.get_family("qwen2_vl")
-    tok = train_tiny.build_tokenizer(train_tiny.vocabulary_texts(shapes, 200), map(str, shapes.ANSWER_VOCAB), fam)
+    fam = train.get_family("qwen2_vl")
+    tok = core.build_tokenizer(core.vocabulary_texts(shapes, 200), map(str, shapes.ANSWER_VOCAB), fam)
     model = fam.build_model(fam.arch, len(tok) + 16)  # margin for words of later training seeds
-    train_tiny.save_model(model, None, tmp_path)
+    core.save_model(model, None, tmp_path)
     assert (tmp_path / "model.safetensors").stat().st_size <= 10 * 2**20
     cfg = model.config
     assert (cfg.vision_config.embed_dim, cfg.vision_config.depth, cfg.vision_config.num_heads) == (192, 6, 4)
@@ -200,20 +200,20 @@ def test_default_qwen2_vl_fits_in_10_mib(tmp_path):
 
 def test_processor_expands_one_image(loaded, family):
     model, processor = loaded
-    expect, fam = EXPECT[family], train_tiny.get_family(family)
+    expect, fam = EXPECT[family], train.get_family(family)
     item = items_of("test", 1)[0]
     prompt = fam.prompt.format(question=item.question)
     inputs = processor(images=item.image, text=prompt, return_tensors="pt")
     ids = inputs["input_ids"][0]
     assert int((ids == processor.image_token_id).sum()) == expect["n_visual"]
-    assert processor.image_token_id == model.config.image_token_id == train_tiny.IMAGE_ID
+    assert processor.image_token_id == model.config.image_token_id == core.IMAGE_ID
     assert tuple(inputs["pixel_values"].shape) == expect["pixels"]
     if family == "qwen2_vl":
         assert inputs["image_grid_thw"].tolist() == [[1, 24, 24]]
-        assert inputs["mm_token_type_ids"][0].tolist() == (ids == train_tiny.IMAGE_ID).long().tolist()
+        assert inputs["mm_token_type_ids"][0].tolist() == (ids == core.IMAGE_ID).long().tolist()
     assert ids[0].item() == expect["first"]
     # the trainer's own token rows are the processor's
-    assert ids.tolist() == train_tiny.prompt_ids(processor.tokenizer, item.question, fam)
+    assert ids.tolist() == core.prompt_ids(processor.tokenizer, item.question, fam)
     # the chat template renders the same prompt
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}]
     assert processor.apply_chat_template(chat, add_generation_prompt=True) == prompt
@@ -240,11 +240,11 @@ def test_evaluate_scores_batched_left_padded(loaded, family):
     model = random_model(family, processor)
     items = items_of("val", 4)
     details: dict = {}
-    acc = train_tiny.evaluate(model, processor, items, batch_size=4, details=details)
+    acc = train.evaluate(model, processor, items, batch_size=4, details=details)
     assert 0.0 <= acc <= 1.0 and len(details["predictions"]) == 4
     assert len(set(details["predictions"])) > 1  # the random model's answers differ: the check below bites
     # batching with left padding does not change a row's answer
-    single = [train_tiny.predict(model, processor, [it], batch_size=1)[0] for it in items]
+    single = [train.predict(model, processor, [it], batch_size=1)[0] for it in items]
     assert single == details["predictions"]
 
 
@@ -258,7 +258,7 @@ def test_gpu_pixel_values_equal_the_processors(loaded, family):
     _, processor = loaded
     items = items_of("val", 3)
     expected = processor.image_processor(images=[it.image for it in items], return_tensors="pt")["pixel_values"]
-    got = train_tiny.get_family(family).pixel_transform(processor)(uint8_images(items))
+    got = train.get_family(family).pixel_transform(processor)(uint8_images(items))
     assert got.shape == expected.shape
     if family == "qwen2_vl":
         assert torch.equal(got, expected)
@@ -271,7 +271,7 @@ def test_training_forward_equals_the_models_forward(loaded, family):
     logits of the model's own forward on the processor's left-padded batch; for Qwen2-VL that
     forward computes its M-RoPE positions with `get_rope_index` and runs the tower per image."""
     _, processor = loaded
-    fam = train_tiny.get_family(family)
+    fam = train.get_family(family)
     model = random_model(family, processor)
     items = items_of("val", 3)
     inputs = processor(images=[it.image for it in items], text=[fam.prompt.format(question=it.question) for it in items],
@@ -292,14 +292,14 @@ def test_training_forward_equals_the_models_forward(loaded, family):
 def test_qwen2_vl_positions_equal_get_rope_index():
     """`mrope_positions` (vectorised) == the model's own `get_rope_index` on left-padded rows with one
     image, and on rows with two images."""
-    from vlmprune.eval import train_tiny_qwen2_vl as q
+    from vlmprune.embedded import qwen2_vl as q
 
-    model = q.QWEN2_VL.build_model(train_tiny.QUICK_ARCH, 40)
-    image = [q.VISION_START_ID] + [train_tiny.IMAGE_ID] * q.N_VISUAL + [q.VISION_END_ID]
+    model = q.QWEN2_VL.build_model(core.QUICK_ARCH, 40)
+    image = [q.VISION_START_ID] + [core.IMAGE_ID] * q.N_VISUAL + [q.VISION_END_ID]
     for rows, n_images in (([image + list(range(10, 10 + n)) for n in (3, 7, 5)], 3),
                            ([image + [9] + image + [11, 12], [13] + image + [14] + image], 4)):
         ids, mask = left_pad(rows)
-        expected, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == train_tiny.IMAGE_ID).int(),
+        expected, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == core.IMAGE_ID).int(),
                                                  image_grid_thw=torch.tensor([[1, 24, 24]] * n_images),
                                                  attention_mask=mask)
         assert torch.equal(q.mrope_positions(ids, mask), expected)
@@ -311,17 +311,17 @@ def test_qwen2_vl_tower_order_and_window_targets():
     grounding targets pool to the merged token that holds the patch."""
     from transformers.vision_utils import get_vision_position_ids
 
-    from vlmprune.eval import train_tiny_qwen2_vl as q
+    from vlmprune.embedded import qwen2_vl as q
 
     order = q.window_order()
     pos = get_vision_position_ids(torch.tensor([[1, 24, 24]]), 2)
     assert torch.equal(pos[:, 0], order // 24) and torch.equal(pos[:, 1], order % 24)
     assert torch.equal(q.on_device("positions", torch.device("cpu")), pos)
-    dense = torch.zeros((1, train_tiny.DENSE_ROWS, 24, 24), dtype=torch.uint8)
+    dense = torch.zeros((1, core.DENSE_ROWS, 24, 24), dtype=torch.uint8)
     dense[0, 0, 0, 0], dense[0, 0, 0, 1], dense[0, 0, 1, 0] = 3, 3, 5  # kinds in the first window
     dense[0, 1, 23, 23] = 2  # a colour in the last window's last patch
     dense[0, 5, 0, :2] = 100  # object x under two patches of the first window
-    raster = dense.reshape(1, train_tiny.DENSE_ROWS, 576)
+    raster = dense.reshape(1, core.DENSE_ROWS, 576)
     soft, where = q.window_targets(raster[:, :, order], [12, 7])
     assert soft[0][0, 0, [0, 3, 5]].tolist() == [0.25, 0.5, 0.25] and soft[0][0, 1, 0] == 1.0
     assert soft[1][0, 143, [0, 2]].tolist() == [0.75, 0.25]
@@ -337,7 +337,7 @@ def test_attention_probe_row_equals_eager_attention(loaded, family):
     """The grounding probe's attention row (recomputed from q / k and the decoder's cos / sin: 1-D
     RoPE, or Qwen2-VL's M-RoPE) equals the eager attention weights of the same layer."""
     _, processor = loaded
-    fam = train_tiny.get_family(family)
+    fam = train.get_family(family)
     model = random_model(family, processor, attn="eager")
     items = items_of("val", 2)
     inputs = processor(images=[it.image for it in items], text=[fam.prompt.format(question=it.question) for it in items],
@@ -345,7 +345,7 @@ def test_attention_probe_row_equals_eager_attention(loaded, family):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     layer = model.config.text_config.num_hidden_layers - 1
     attn = model.model.language_model.layers[layer].self_attn
-    probe = train_tiny.AttentionProbe(model, [])
+    probe = core.AttentionProbe(model, [])
     probe.key_mask, probe.query_index = mask.bool(), -1
     seen = {}
     handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
@@ -366,7 +366,7 @@ def test_cached_frozen_features_give_the_visual_tokens(loaded, family):
     projection of the cached features is `vision(frozen=True)`'s tokens exactly, and each item's
     features are computed once however often batches draw it."""
     _, processor = loaded
-    fam = train_tiny.get_family(family)
+    fam = train.get_family(family)
     model = random_model(family, processor)
     pixels = fam.pixel_transform(processor)
     images = uint8_images(items_of("val", 4))
@@ -376,7 +376,7 @@ def test_cached_frozen_features_give_the_visual_tokens(loaded, family):
         calls.append(rows.tolist())
         return fam.frozen_features(model, pixels(images[rows]))
 
-    cache = train_tiny.FeatureCache(len(images), compute, torch.device("cpu"), chunk=2)
+    cache = core.FeatureCache(len(images), compute, torch.device("cpu"), chunk=2)
     with torch.no_grad():
         expected = fam.vision(model, pixels(images), frozen=True).tokens
         first = fam.project(model, cache.get(torch.tensor([3, 1, 3])))
@@ -391,30 +391,30 @@ def test_cached_frozen_features_give_the_visual_tokens(loaded, family):
 def test_dense_targets_place_each_object_where_its_scene_says():
     """Rows 5 / 6 of `LabelSpace.dense` hold, under each object's box, its centre (0..255 of the
     image side); the class maps mark the centre patch with the object's kind."""
-    space = train_tiny.LabelSpace(shapes)
+    space = core.LabelSpace(shapes)
     item = next(it for it in map(shapes.make_item, range(50)) if len(it.scene.objects) >= 2)
-    dense = space.dense(item).reshape(train_tiny.DENSE_ROWS, train_tiny.GRID, train_tiny.GRID)
+    dense = space.dense(item).reshape(core.DENSE_ROWS, core.GRID, core.GRID)
     top = item.scene.objects[-1]  # drawn last, so nothing covers its centre patch
     cx, cy = top.centre
-    r, c = int(cy // train_tiny.PATCH_SIZE), int(cx // train_tiny.PATCH_SIZE)
+    r, c = int(cy // core.PATCH_SIZE), int(cx // core.PATCH_SIZE)
     assert dense[5, r, c] == round(cx / item.scene.width * 255)
     assert dense[6, r, c] == round(cy / item.scene.height * 255)
     assert dense[3, r, c] == 1 + space.kinds.index(top.kind)
-    own = (np.arange(train_tiny.GRID) + 0.5) * train_tiny.PATCH_SIZE / item.scene.width * 255
+    own = (np.arange(core.GRID) + 0.5) * core.PATCH_SIZE / item.scene.width * 255
     background = dense[0] == 0  # no object or word: the patch's own centre
     assert background.any()
     assert (dense[5][background] == np.round(np.broadcast_to(own[None, :], background.shape)[background])).all()
 
 
 def test_qtype_weights_parse_and_refuse_unknown_types():
-    assert train_tiny.parse_weights("relpos=2, count=1.5") == {"relpos": 2.0, "count": 1.5}
-    assert train_tiny.parse_weights("") == {}
+    assert core.parse_weights("relpos=2, count=1.5") == {"relpos": 2.0, "count": 1.5}
+    assert core.parse_weights("") == {}
     with pytest.raises(SystemExit, match="'colours=2'.*relpos"):
-        train_tiny.parse_weights("colours=2")
+        core.parse_weights("colours=2")
 
 
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="'gemma'.*llava, qwen2_vl"):
-        train_tiny.get_family("gemma")
+        train.get_family("gemma")
     with pytest.raises(SystemExit):
-        train_tiny.parse_args(["--out", "x", "--family", "gemma"])
+        train.parse_args(["--out", "x", "--family", "gemma"])
