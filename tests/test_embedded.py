@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from vlmprune.eval import EMBEDDED_MODELS, train_tiny
+from vlmprune.embedded import train
+from vlmprune.eval import EMBEDDED_MODELS
 from vlmprune.eval import shapes
 from vlmprune.eval.qwen import images_only, load_processor
 from vlmprune.eval.sweep import embedded_path
@@ -56,7 +57,7 @@ def test_assets_are_small_fp16_safetensors():
 def test_processor_round_trips_a_prompt_with_an_image(loaded):
     name, model, processor = loaded
     item = shapes.make_item(shapes.split_seeds("test", 1)[0])
-    fam = train_tiny.get_family(model.config.model_type)
+    fam = train.get_family(model.config.model_type)
     prompt = fam.prompt.format(question=item.question)
     inputs = processor(images=[item.image], text=[prompt], return_tensors="pt")
     ids = inputs["input_ids"][0]
@@ -71,14 +72,14 @@ def test_accuracy_on_64_test_items(loaded):
     name, model, processor = loaded
     items = [shapes.make_item(s) for s in shapes.split_seeds("test", 64)]
     details: dict = {}
-    acc = train_tiny.evaluate(model, processor, items, batch_size=16, details=details)
+    acc = train.evaluate(model, processor, items, batch_size=16, details=details)
     print(f"{name}: {acc:.4f} on 64 test items {details['per_qtype']}")
     assert acc >= EXPECTED[name][2], (acc, details["per_qtype"])
 
 
 def qwen_batch(processor, n: int = 8):
     items = [shapes.make_item(s) for s in shapes.split_seeds("test", n)]
-    prompts = [train_tiny.get_family("qwen2_vl").prompt.format(question=it.question) for it in items]
+    prompts = [train.get_family("qwen2_vl").prompt.format(question=it.question) for it in items]
     processor.tokenizer.padding_side = "left"
     return processor(images=[it.image for it in items], text=prompts, return_tensors="pt", padding=True)
 
