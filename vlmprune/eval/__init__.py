@@ -2,7 +2,7 @@
 
 Only the defaults live here, so that the `vlmprune` command can show them without importing torch."""
 
-# Trained on the embedded benchmark and shipped in the package (`vlmprune.eval.train_tiny`,
+# Trained on the embedded benchmark and shipped in the package (trainer: `vlmprune.embedded`,
 # docs/training.md): name -> folder under vlmprune/eval/assets, loaded like any checkpoint.
 EMBEDDED_MODELS = {"shapes-llava": "tiny-llava", "shapes-qwen2-vl": "tiny-qwen2-vl"}
 DEFAULT_MODEL = "shapes-llava"  # what `vlmprune sweep` and `vlmprune show` run with no --model

@@ -25,7 +25,7 @@ from PIL import Image
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHAPES_DATA = TASKS_DIR / "shapes" / "test.jsonl"
-SHAPES_ITEMS = 2000  # the test-split size train_tiny reports
+SHAPES_ITEMS = 2000  # the test-split size the trainer (`vlmprune.embedded`) reports
 MODEL_CLASS = "vlmprune.eval.lmms_plugin.VLMPrune"
 
 
