@@ -295,7 +295,8 @@ def test_pretrained_path_with_processor(tmp_path):
 def test_sweep_without_arguments_runs_the_embedded_model_on_the_benchmark(tmp_path):
     """No --model / --data / --methods: the shipped LLaVA on the shapes test split, the default
     methods; the unpruned answers are the trainer's own `evaluate()` answers on the same items."""
-    from vlmprune.eval import shapes, train_tiny
+    from vlmprune.embedded import train
+    from vlmprune.eval import shapes
     from vlmprune.eval.sweep import embedded_path
 
     out = tmp_path / "default"
@@ -311,7 +312,7 @@ def test_sweep_without_arguments_runs_the_embedded_model_on_the_benchmark(tmp_pa
 
     model = LlavaForConditionalGeneration.from_pretrained(embedded_path("shapes-llava"), dtype=torch.float32)
     details: dict = {}
-    train_tiny.evaluate(model.eval(), AutoProcessor.from_pretrained(embedded_path("shapes-llava")), items, details=details)
+    train.evaluate(model.eval(), AutoProcessor.from_pretrained(embedded_path("shapes-llava")), items, details=details)
     assert [r["prediction"] for r in got] == details["predictions"]
     assert "accuracy" in res.output and "accuracy_vs_tokens.png" in res.output
     # overlays.png: 2 rows (items) x 4 tiles (image, cls, divprune, random), each tile the `show` overlay
@@ -373,7 +374,8 @@ def test_sweep_on_qwen_skips_flowcut_and_draws_overlays(tmp_path, qwen):
     """flowcut (needs a CLS token) is reported with its one-line reason and skipped; the other
     cells count Qwen's 144 tokens per image; the unpruned answers are the trainer's `predict`
     answers; each overlay tile is `show`'s picture."""
-    from vlmprune.eval import shapes, train_tiny
+    from vlmprune.embedded import train
+    from vlmprune.eval import shapes
     from vlmprune.eval.visualise import CAPTION_PX, kept_overlay
 
     out = tmp_path / "qwen"
@@ -396,7 +398,7 @@ def test_sweep_on_qwen_skips_flowcut_and_draws_overlays(tmp_path, qwen):
     for key in ("cls@keep=144", "uniform@keep=144"):
         assert [(r["kl"], r["agree"]) for r in cells[key]["items"]] == [(0.0, 1.0)] * 3
     items = [shapes.make_item(s) for s in shapes.split_seeds("test", 3)]
-    assert [r["prediction"] for r in ref] == train_tiny.predict(qwen.model, qwen.processor, items, max_new_tokens=3)
+    assert [r["prediction"] for r in ref] == train.predict(qwen.model, qwen.processor, items, max_new_tokens=3)
     grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
     assert grid.shape == (336 + CAPTION_PX, 3 * 336, 3)  # image, cls, uniform (no flowcut)
     for col, method in enumerate(["cls", "uniform"], start=1):
