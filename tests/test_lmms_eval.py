@@ -23,21 +23,22 @@ lmms_eval = pytest.importorskip("lmms_eval")
 
 import vlmprune  # noqa: E402
 from tests.test_lmms_task import crafted_predictions  # noqa: E402
-from vlmprune.eval import lmms, shapes, train_tiny  # noqa: E402
+from vlmprune.embedded import core, llava, train  # noqa: E402
+from vlmprune.eval import lmms, shapes  # noqa: E402
 
 LIMIT = 5
 KEEP = 16
-N_VISUAL = train_tiny.N_VISUAL  # 576
+N_VISUAL = llava.N_VISUAL  # 576
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random-weight LLaVA-1.5-architecture model with the benchmark's tokenizer and processor,
-    saved as train_tiny saves its model (random weights answer with image-dependent word strings)."""
+    saved as the trainer (`vlmprune.embedded`) saves its model (random weights answer with image-dependent word strings)."""
     out = tmp_path_factory.mktemp("model")
-    tokenizer = train_tiny.build_tokenizer(train_tiny.vocabulary_texts(shapes, 64), map(str, shapes.ANSWER_VOCAB))
-    model = train_tiny.build_model(train_tiny.QUICK_ARCH, len(tokenizer))
-    train_tiny.save_model(model, train_tiny.build_processor(tokenizer), out)
+    tokenizer = core.build_tokenizer(core.vocabulary_texts(shapes, 64), map(str, shapes.ANSWER_VOCAB), llava.LLAVA)
+    model = llava.build_model(core.QUICK_ARCH, len(tokenizer))
+    core.save_model(model, llava.build_processor(tokenizer), out)
     return out
 
 
@@ -54,9 +55,9 @@ def direct(loaded):
     """Greedy answers of the first LIMIT test items, one at a time, unpatched and patched by hand."""
     model, processor = loaded
     items = [shapes.make_item(seed) for seed in shapes.split_seeds("test", LIMIT)]
-    unpatched = train_tiny.predict(model, processor, items, batch_size=1, max_new_tokens=8)
+    unpatched = train.predict(model, processor, items, batch_size=1, max_new_tokens=8)
     with vlmprune.pruning(model, "cls", keep=KEEP):
-        patched = train_tiny.predict(model, processor, items, batch_size=1, max_new_tokens=8)
+        patched = train.predict(model, processor, items, batch_size=1, max_new_tokens=8)
     return {"items": items, "unpatched": unpatched, "patched": patched}
 
 
@@ -108,7 +109,7 @@ def test_cli_answers_are_vlmprune_s(single, direct, loaded):
     # the patch ran inside lmms-eval: each logged prompt is the pruned one, and the plugin's count
     _, processor = loaded
     removed = N_VISUAL - KEEP
-    pruned = [len(train_tiny.prompt_ids(processor.tokenizer, it.question)) - removed for it in direct["items"]]
+    pruned = [len(core.prompt_ids(processor.tokenizer, it.question, llava.LLAVA)) - removed for it in direct["items"]]
     assert [s["token_counts"][0]["input_tokens"] for s in samples] == pruned
     assert f"vlmprune cls keep={KEEP}: kept {KEEP} of {N_VISUAL} visual tokens per image over {LIMIT} images" in log
 
@@ -149,7 +150,7 @@ def test_loglikelihood_matches_greedy_generation(model_dir, loaded):
     doc = lmms.shapes_rows(1)[0]
     lm.task_dict = {"shapes": {"test": [doc]}}
     with vlmprune.pruning(model, "cls", keep=KEEP):
-        prompt = train_tiny.PROMPT.format(question=doc["question"])
+        prompt = llava.PROMPT.format(question=doc["question"])
         inputs = processor(images=lmms.shapes_doc_to_visual(doc), text=[prompt], return_tensors="pt")
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
@@ -230,10 +231,10 @@ def test_cli_runs_shapes_qwen2_vl(qwen, tmp_path):
     log, results, samples = lmms_eval_cli("shapes-qwen2-vl", tmp_path, [sys.executable], keep=QWEN_KEEP)
     items = [shapes.make_item(seed) for seed in shapes.split_seeds("test", LIMIT)]
     with vlmprune.pruning(qwen.model, "cls", keep=QWEN_KEEP):
-        patched = train_tiny.predict(qwen.model, qwen.processor, items, batch_size=1, max_new_tokens=8)
+        patched = train.predict(qwen.model, qwen.processor, items, batch_size=1, max_new_tokens=8)
     assert [s["filtered_resps"] for s in samples] == patched
-    fam = train_tiny.get_family("qwen2_vl")
-    pruned = [len(train_tiny.prompt_ids(qwen.processor.tokenizer, it.question, fam)) - (QWEN_VISUAL - QWEN_KEEP)
+    fam = train.get_family("qwen2_vl")
+    pruned = [len(core.prompt_ids(qwen.processor.tokenizer, it.question, fam)) - (QWEN_VISUAL - QWEN_KEEP)
               for it in items]
     assert [s["token_counts"][0]["input_tokens"] for s in samples] == pruned
     assert f"kept {QWEN_KEEP} of {QWEN_VISUAL} visual tokens per image over {LIMIT} images" in log
@@ -270,10 +271,10 @@ def test_qwen_min_max_pixels_set_the_tokens_per_image(qwen):
     assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
     assert int((inputs["input_ids"] == qwen.image_token_id).sum()) == 64
     with vlmprune.pruning(qwen.model, "cls", keep=16):
-        direct = train_tiny.predict(qwen.model, processor, items, batch_size=1, max_new_tokens=4)
+        direct = train.predict(qwen.model, processor, items, batch_size=1, max_new_tokens=4)
     assert [g.text for g in got] == direct
-    fam = train_tiny.get_family("qwen2_vl")
-    prompt = [len(train_tiny.prompt_ids(processor.tokenizer, it.question, fam)) - 144 + 64 for it in items]
+    fam = train.get_family("qwen2_vl")
+    prompt = [len(core.prompt_ids(processor.tokenizer, it.question, fam)) - 144 + 64 for it in items]
     assert [g.token_counts.input_tokens for g in got] == [n - (64 - 16) for n in prompt]
     assert lm.visual_tokens == 3 * 64 and lm.kept_tokens == 3 * 16
 
