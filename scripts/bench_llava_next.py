@@ -25,15 +25,13 @@ A benchmark script, not a test."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import sys
-import time
 from typing import Any
 
 import torch
-from bench_qwen import Timer, med, median
+
+# this script's directory is on sys.path
+from _bench import Timer, build, logit_diff, markdown, med, median, parser, patched
 
 import vlmprune
 from vlmprune.eval.tiny import anyres_inputs, llava_next_7b_config, tiny_llava_next
@@ -52,29 +50,6 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, attn: str)
     return model.eval(), 672
 
 
-def instrument(adapter, timer: Timer) -> dict[str, Any]:
-    """Marks inside the patched prefill ("signals" when encode returns, "score_select" when
-    pruned_inputs starts) and the pruned forward's kwargs, recorded into the dict returned."""
-    seen: dict[str, Any] = {}
-    encode, pruned_inputs = adapter.encode, adapter.pruned_inputs
-
-    def encode_marked(*args, **kwargs):
-        out = encode(*args, **kwargs)
-        timer.mark("signals")
-        return out
-
-    def pruned_inputs_marked(*args, **kwargs):
-        timer.mark("score_select")
-        call, state = pruned_inputs(*args, **kwargs)
-        seen["call"] = {
-            k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()
-        }
-        return call, state
-
-    adapter.encode, adapter.pruned_inputs = encode_marked, pruned_inputs_marked
-    return seen
-
-
 def bench_batch(
     model,
     inputs: dict[str, torch.Tensor],
@@ -86,158 +61,114 @@ def bench_batch(
 ) -> None:
     plain = lambda **kw: type(model).forward(model, **kw)  # around any patch
     prefill = lambda: model(**inputs, logits_to_keep=1)
+    full_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
         unp = [timer.split(prefill) for _ in range(args.warmup + args.repeats)][
             args.warmup :
         ]
-        full_len = inputs["input_ids"].shape[1]
         print(
             f"# b{batch}: unpatched {med(unp, 'total'):.1f} ms (vision {med(unp, 'vision'):.1f}), "
             f"prompt {full_len} tokens",
             flush=True,
         )
-        for method in args.methods:
-            for ratio in args.ratios:
-                vlmprune.patch(model, method=method, prune_ratio=ratio)
-                seen = instrument(model._vlmprune_adapter, timer)
-                patched_out = prefill()
-                kept = len(vlmprune.last_selection(model)[0][0])
-                call = {
-                    k: v for k, v in seen["call"].items() if k not in ("input_ids",)
-                }
-                oracle = lambda: plain(**call)  # noqa: B023  (its logits_to_keep=1 is in the call)
-                diff = (
-                    (patched_out.logits.float() - oracle().logits.float())
-                    .abs()
-                    .max()
-                    .item()
-                )
-                o, p = [], []
-                for r in range(args.warmup + args.repeats):
-                    t = (timer(oracle), timer.split(prefill))
-                    if r >= args.warmup:
-                        o.append(t[0])
-                        p.append(t[1])
-                vlmprune.unpatch(model)
-                after = [d["total"] - d["vision"] for d in p]
-                row = {
-                    "batch": batch,
-                    "method": method,
-                    "prune_ratio": ratio,
-                    "n_visual": n,
-                    "kept": kept,
-                    "kept_pct": round(100 * kept / n, 1),
-                    "prompt_len": full_len,
-                    "pruned_len": call["inputs_embeds"].shape[1],
-                    "unpatched_ms": med(unp, "total"),
-                    "unpatched_vision_ms": med(unp, "vision"),
-                    "patched_ms": med(p, "total"),
-                    "patched_vision_ms": med(p, "vision"),
-                    "patched_signals_ms": med(p, "signals"),
-                    "patched_score_select_ms": med(p, "score_select"),
-                    "patched_assemble_decoder_ms": med(p, "end"),
-                    "patched_after_vision_ms": median(after),
-                    "oracle_ms": median(o),
-                    "ratio_vs_oracle": median(after) / median(o),
-                    "max_abs_logit_diff_vs_oracle": diff,
-                    "raw": {"unpatched": unp, "patched": p, "oracle": o},
-                }
-                rows.append(row)
-                print(
-                    f"# b{batch} {method} {row['kept_pct']}%: patched {row['patched_ms']:.1f} (vision "
-                    f"{row['patched_vision_ms']:.1f}, signals {row['patched_signals_ms']:.1f}, score+select "
-                    f"{row['patched_score_select_ms']:.1f}, rest {row['patched_assemble_decoder_ms']:.1f}) oracle "
-                    f"{row['oracle_ms']:.1f} ratio {row['ratio_vs_oracle']:.3f}; logit diff {diff:g}",
-                    flush=True,
-                )
+        for method, ratio, seen in patched(model, args, timer):
+            patched_out = prefill()
+            kept = len(vlmprune.last_selection(model)[0][0])
+            call = {  # cloned once, outside the timed calls
+                k: v.clone() if isinstance(v, torch.Tensor) else v
+                for k, v in seen["call"].items()
+                if k != "input_ids"
+            }
+            oracle = lambda: plain(**call)  # noqa: B023  (its logits_to_keep=1 is in the call)
+            diff = logit_diff(patched_out, oracle())
+            o, p = [], []
+            for r in range(args.warmup + args.repeats):
+                t = (timer(oracle), timer.split(prefill))
+                if r >= args.warmup:
+                    o.append(t[0])
+                    p.append(t[1])
+            after = [d["total"] - d["vision"] for d in p]
+            row = {
+                "batch": batch,
+                "method": method,
+                "prune_ratio": ratio,
+                "n_visual": n,
+                "kept": kept,
+                "kept_pct": round(100 * kept / n, 1),
+                "prompt_len": full_len,
+                "pruned_len": call["inputs_embeds"].shape[1],
+                "unpatched_ms": med(unp, "total"),
+                "unpatched_vision_ms": med(unp, "vision"),
+                "patched_ms": med(p, "total"),
+                "patched_vision_ms": med(p, "vision"),
+                "patched_signals_ms": med(p, "signals"),
+                "patched_score_select_ms": med(p, "score_select"),
+                "patched_assemble_decoder_ms": med(p, "end"),
+                "patched_after_vision_ms": median(after),
+                "oracle_ms": median(o),
+                "ratio_vs_oracle": median(after) / median(o),
+                "max_abs_logit_diff_vs_oracle": diff,
+                "raw": {"unpatched": unp, "patched": p, "oracle": o},
+            }
+            rows.append(row)
+            print(
+                f"# b{batch} {method} {row['kept_pct']}%: patched {row['patched_ms']:.1f} (vision "
+                f"{row['patched_vision_ms']:.1f}, signals {row['patched_signals_ms']:.1f}, score+select "
+                f"{row['patched_score_select_ms']:.1f}, rest {row['patched_assemble_decoder_ms']:.1f}) oracle "
+                f"{row['oracle_ms']:.1f} ratio {row['ratio_vs_oracle']:.3f}; logit diff {diff:g}",
+                flush=True,
+            )
+
+
+HEADER = [
+    "batch",
+    "method",
+    "kept",
+    "prefill len",
+    "unpatched ms: total / vision",
+    "patched ms: total / after vision",
+    "of which signals / score + select",
+    "oracle ms",
+    "patched after vision / oracle",
+    "logit diff vs oracle",
+]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    title = (
         f"**one {rows[0]['image_px']}x{rows[0]['image_px']} image** ({rows[0]['n_visual']} visual tokens per row)"
         if rows
-        else "",
-        "",
-        (
-            "| batch | method | kept | prefill len | unpatched ms: total / vision | patched ms: total / after vision "
-            "| of which signals / score + select | oracle ms | patched after vision / oracle | logit diff vs oracle |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        else ""
+    )
+    cells = [
+        [
+            str(r["batch"]),
+            f"`{r['method']}`",
+            f"{r['kept_pct']:g}% ({r['kept']})",
+            f"{r['pruned_len']} / {r['prompt_len']}",
+            f"{r['unpatched_ms']:.1f} / {r['unpatched_vision_ms']:.1f}",
+            f"{r['patched_ms']:.1f} / {r['patched_after_vision_ms']:.1f}",
+            f"{r['patched_signals_ms']:.1f} / {r['patched_score_select_ms']:.1f}",
+            f"{r['oracle_ms']:.1f}",
+            f"{r['ratio_vs_oracle']:.3f}",
+            f"{r['max_abs_logit_diff_vs_oracle']:g}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['batch']} | `{r['method']}` | {r['kept_pct']:g}% ({r['kept']}) | {r['pruned_len']} / {r['prompt_len']} "
-            f"| {r['unpatched_ms']:.1f} / {r['unpatched_vision_ms']:.1f} "
-            f"| {r['patched_ms']:.1f} / {r['patched_after_vision_ms']:.1f} "
-            f"| {r['patched_signals_ms']:.1f} / {r['patched_score_select_ms']:.1f} | {r['oracle_ms']:.1f} "
-            f"| {r['ratio_vs_oracle']:.3f} | {r['max_abs_logit_diff_vs_oracle']:g} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([title, "", *markdown(HEADER, cells)])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = parser(
+        __doc__,
+        "a tiny random LLaVA-NeXT (28 px views, a 56 px image)",
+        "bench_llava_next.json",
     )
-    ap.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        choices=["cuda", "cpu"],
-    )
-    ap.add_argument(
-        "--tiny",
-        action="store_true",
-        help="a tiny random LLaVA-NeXT (28 px views, a 56 px image)",
-    )
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--methods", default="cls,divprune")
-    ap.add_argument(
-        "--ratios", default="0.75,0.9", help="prune_ratio values (fraction removed)"
-    )
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--attn", default="sdpa")
-    ap.add_argument(
-        "--dtype", default=None, help="bf16 / fp32 (default: bf16 on cuda, fp32 on cpu)"
-    )
-    ap.add_argument("--out", default="bench_llava_next.json")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     args = ap.parse_args()
-    args.methods = args.methods.split(",")
-    args.ratios = [float(x) for x in args.ratios.split(",")]
-    device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype] or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    timer = Timer(device)
-    import transformers
-
-    t0 = time.perf_counter()
-    model, side = build_model(args.tiny, device, dtype, args.attn)
-    env = {
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "model": "tiny llava_next" if args.tiny else "LLaVA-NeXT-7B shapes",
-        "params": sum(p.numel() for p in model.parameters()),
-        "dtype": str(dtype),
-        "attn": args.attn,
-        "build_s": time.perf_counter() - t0,
-        "argv": sys.argv[1:],
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-    }
-    print(
-        f"# {env['model']}: {env['params'] / 1e9:.2f} B params on {env['device']}",
-        flush=True,
-    )
-    model.model.vision_tower.register_forward_hook(
-        lambda *_: timer.mark("vision")
-    )  # the tower's end, in place
+    names = ("LLaVA-NeXT-7B shapes", "tiny llava_next")
+    model, side, timer, env = build(args, build_model, names, "vision_tower")
+    device, dtype = model.device, model.dtype
     rows: list[dict[str, Any]] = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         inputs = anyres_inputs(
