@@ -340,6 +340,22 @@ def test_plot_leaves_out_the_time_panel_without_timings(tmp_path):
     assert two.size[1] == one.size[1] and one.size[0] < 0.6 * two.size[0]
 
 
+def test_plot_draws_pool_as_the_black_baseline(tmp_path, monkeypatch):
+    """The downsampling baseline (`pool`) is one black dash-dotted line; other methods keep colours."""
+    import matplotlib.axes
+
+    from vlmprune.eval.visualise import plot_sweep
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k) or real(ax, *a, **k))
+    rows = [dict(method=m, visual_tokens=n, metric=0.5, metric_name="accuracy", prefill_ms=None)
+            for m in ("cls", "pool") for n in (64, 128)]
+    plot_sweep(rows, tmp_path / "p.png")
+    assert [(k["label"], k["color"], k.get("linestyle", "-")) for k in drawn] == [
+        ("cls", "C0", "-"), ("pool (baseline)", "black", "-.")]
+
+
 # --- Qwen-VL: the shipped shapes-qwen2-vl (144 tokens of 28 x 28 px per 336 px image) and qwen2-vl-tiny
 @pytest.fixture(scope="module")
 def qwen():

@@ -63,9 +63,13 @@ def display_scale(size: tuple[int, int], target: int = 336) -> int:
     return max(1, target // max(size))
 
 
+BASELINE = "pool"  # drawn black, dash-dotted, in every sweep plot
+
+
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Two panels against kept visual tokens per image, one line per method: the metric, and the
-    prefill time (left out when no row has one); the unpruned model is a horizontal reference line."""
+    prefill time (left out when no row has one); the unpruned model is a horizontal reference line,
+    `pool` (the downsampling baseline) a black dash-dotted one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +86,9 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     for ax, (key, label) in zip(axes, panels):
         for i, m in enumerate(methods):
             pts = sorted((r["visual_tokens"], r[key]) for r in rows if r["method"] == m and r[key] is not None)
-            if pts:
+            if pts and m == BASELINE:  # plain downsampling: the reference every method should beat (VTC-Bench)
+                ax.plot(*zip(*pts), color="black", linestyle="-.", linewidth=2.2, marker="x", label=f"{m} (baseline)")
+            elif pts:
                 ax.plot(*zip(*pts), marker="osD^v<>p"[i % 8], markersize=8 - 1.5 * (i % 3), color=f"C{i}", label=m,
                         linewidth=2.5 - 0.6 * (i % 3))  # sizes vary so coinciding lines stay visible
         if ref is not None and ref[key] is not None:
