@@ -130,10 +130,14 @@ class LlavaNextAdapter(LlavaAdapter):
             self.model.model.pack_image_features(
                 views,
                 inputs["image_sizes"],
-                vision_feature_select_strategy=self.strategy(inputs),
                 image_newline=newline,
+                **self.pack_options(inputs),
             )[0]
         )
+
+    def pack_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The family's own arguments of HF's `pack_image_features`."""
+        return {"vision_feature_select_strategy": self.strategy(inputs)}
 
     def strategy(self, inputs: dict[str, Any]) -> str:
         return (

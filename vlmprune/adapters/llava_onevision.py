@@ -63,23 +63,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         )
 
     # --- layout of the placeholder runs ----------------------------------------------------------
-    def pack(
-        self,
-        views: list[torch.Tensor],
-        inputs: dict[str, Any],
-        newline: torch.Tensor | None,
-    ) -> list[torch.Tensor]:
+    def pack_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
         aspect = (
             inputs.get("vision_aspect_ratio") or self.model.config.vision_aspect_ratio
         )
-        return list(
-            self.model.model.pack_image_features(
-                views,
-                inputs["image_sizes"],
-                image_newline=newline,
-                vision_aspect_ratio=aspect,
-            )[0]
-        )
+        return {"vision_aspect_ratio": aspect}
 
     def view_counts(self, inputs: dict[str, Any]) -> list[int]:
         """As LLaVA-NeXT, but an image in a row of several (`batch_num_images`) is its base view alone."""
@@ -117,28 +105,32 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # --- prefill ------------------------------------------------------------------------------
     def encode_images(self, inputs: dict[str, Any]) -> Any:
-        mm = inputs.get("mm_encoder_outputs") or {}
-        if mm.get("image") is not None or inputs.get("pixel_values") is None:
-            return mm.get("image")
-        return self.encoder_owner().get_image_features(
-            pixel_values=inputs["pixel_values"],
+        return self.encode_kind(
+            inputs,
+            "image",
+            "pixel_values",
             image_sizes=inputs.get("image_sizes"),
-            vision_feature_layer=inputs.get("vision_feature_layer"),
-            vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
             vision_aspect_ratio=inputs.get("vision_aspect_ratio"),
             batch_num_images=inputs.get("batch_num_images"),
-            return_dict=True,
         )
 
     def encode_videos(self, inputs: dict[str, Any]) -> Any:
+        return self.encode_kind(inputs, "video", "pixel_values_videos")
+
+    def encode_kind(
+        self, inputs: dict[str, Any], kind: str, pixels: str, **extra: Any
+    ) -> Any:
+        """`mm_encoder_outputs[kind]` where given (None: neither it nor pixels), else HF's
+        `get_<kind>_features` on the `pixels` input with `extra`."""
         mm = inputs.get("mm_encoder_outputs") or {}
-        if mm.get("video") is not None or inputs.get("pixel_values_videos") is None:
-            return mm.get("video")
-        return self.encoder_owner().get_video_features(
-            pixel_values_videos=inputs["pixel_values_videos"],
+        if mm.get(kind) is not None or inputs.get(pixels) is None:
+            return mm.get(kind)
+        return getattr(self.encoder_owner(), f"get_{kind}_features")(
+            **{pixels: inputs[pixels]},
             vision_feature_layer=inputs.get("vision_feature_layer"),
             vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
             return_dict=True,
+            **extra,
         )
 
     def encode(self, inputs: dict[str, Any], prompt: Prompt) -> Encoded:
