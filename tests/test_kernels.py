@@ -29,10 +29,18 @@ from vlmprune.kernels import flow as fl  # noqa: E402
 from vlmprune.kernels import hiprune as hp  # noqa: E402
 from vlmprune.kernels import merge as mg  # noqa: E402
 from vlmprune.kernels import maxmin as mm  # noqa: E402
-from vlmprune.kernels import maxmin_naive_ref, maxmin_select, maxmin_select_ref, select_tokens, select_tokens_ref  # noqa: E402
+from vlmprune.kernels import (
+    maxmin_naive_ref,
+    maxmin_select,
+    maxmin_select_ref,
+    select_tokens,
+    select_tokens_ref,
+)  # noqa: E402
 
 INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_checks_in_fresh_process")
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in test_interpreter_checks_in_fresh_process"
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,12 +50,28 @@ def run_interpreted(test_files: list[str], expect_at_least: int) -> None:
     env = {k: v for k, v in os.environ.items() if k != "VLMPRUNE_KERNELS"}
     env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pytest", *test_files, "-p", "no:cacheprovider", "--noconftest", "-k", "triton"]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *test_files,
+        "-p",
+        "no:cacheprovider",
+        "--noconftest",
+        "-k",
+        "triton",
+    ]
+    res = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     out = res.stdout[-6000:] + res.stderr[-3000:]
     assert res.returncode == 0, out
     passed = re.search(r"(\d+) passed", res.stdout)
-    assert passed and int(passed.group(1)) >= expect_at_least and "skipped" not in res.stdout, out
+    assert (
+        passed
+        and int(passed.group(1)) >= expect_at_least
+        and "skipped" not in res.stdout
+    ), out
 
 
 def _interpreted(name: str):
@@ -71,7 +95,9 @@ rt = _interpreted("vlmprune.kernels.rows_triton") if INTERPRETED else None
 def test_interpreter_checks_in_fresh_process():
     """This file's Triton tests and test_diversity.py's, in a fresh TRITON_INTERPRET=1 process."""
     here = Path(__file__).resolve()
-    run_interpreted([str(here), str(here.with_name("test_diversity.py"))], expect_at_least=86)
+    run_interpreted(
+        [str(here), str(here.with_name("test_diversity.py"))], expect_at_least=86
+    )
 
 
 @pytest.fixture
@@ -120,7 +146,14 @@ def loop_select(scores: torch.Tensor, feats, k: torch.Tensor, valid):
 SPECIAL = [float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.0]
 
 
-def ragged_case(seed: int, b: int = 4, n_max: int = 40, d: int = 8, dtype=torch.float32, ties: bool = True):
+def ragged_case(
+    seed: int,
+    b: int = 4,
+    n_max: int = 40,
+    d: int = 8,
+    dtype=torch.float32,
+    ties: bool = True,
+):
     """Scores with ties (integer values), NaN, +-0, +-inf and subnormals; k in {0, valid, > valid,
     random}; valid in [0, N]."""
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +164,9 @@ def ragged_case(seed: int, b: int = 4, n_max: int = 40, d: int = 8, dtype=torch.
         scores = torch.randn(b, n, generator=g)
     special = torch.tensor(SPECIAL)
     hit = torch.rand(b, n, generator=g) < 0.2
-    scores[hit] = special[torch.randint(0, len(SPECIAL), (int(hit.sum()),), generator=g)]
+    scores[hit] = special[
+        torch.randint(0, len(SPECIAL), (int(hit.sum()),), generator=g)
+    ]
     valid = torch.randint(0, n + 1, (b,), generator=g)
     valid[0] = n
     k = torch.randint(0, n + 1, (b,), generator=g)
@@ -162,7 +197,9 @@ def test_select_ref_known_answers():
             [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],  # valid = 3: positions 3..5 never chosen
         ]
     )
-    idx, _ = select_tokens_ref(scores, None, torch.tensor([2, 4, 5]), torch.tensor([6, 6, 3]))
+    idx, _ = select_tokens_ref(
+        scores, None, torch.tensor([2, 4, 5]), torch.tensor([6, 6, 3])
+    )
     assert idx.tolist() == [[1, 2, -1, -1], [1, 3, 4, 5], [0, 1, 2, -1]]
 
 
@@ -197,8 +234,14 @@ def test_select_triton_edge_cases(no_fallback):
         assert out is None
         assert torch.equal(idx, select_tokens_ref(s.half(), None, k, valid)[0])
     idx, _ = st.select_tokens_triton(s, None, k, torch.tensor([33, 20, 0, 31]))
-    assert idx[0, :5].tolist() == [0, 1, 2, 3, 4] and idx[1, :7].tolist() == list(range(7))
-    assert (idx[2] == -1).all() and idx[3, :31].tolist() == list(range(31)) and (idx[3, 31:] == -1).all()
+    assert idx[0, :5].tolist() == [0, 1, 2, 3, 4] and idx[1, :7].tolist() == list(
+        range(7)
+    )
+    assert (
+        (idx[2] == -1).all()
+        and idx[3, :31].tolist() == list(range(31))
+        and (idx[3, 31:] == -1).all()
+    )
     # a strided (non-contiguous) feature view gathers the same rows
     base = torch.randn(2, 6, 17, generator=g)
     f = base.transpose(1, 2)  # [2, 17, 6], strides (102, 1, 17)
@@ -222,13 +265,17 @@ def test_select_triton_long_row(no_fallback):
 
 
 @interpreted
-@pytest.mark.parametrize("n", [300, 2100])  # 4-bit digits (8 passes); 2-bit digits past 2048 tokens
+@pytest.mark.parametrize(
+    "n", [300, 2100]
+)  # 4-bit digits (8 passes); 2-bit digits past 2048 tokens
 def test_select_triton_radix_digits(n, no_fallback):
     """Scores that differ only in their last bits (a few ulps apart, ties included), of both signs
     and around zero: the k-th largest key is found digit by digit down to the lowest."""
     g = torch.Generator().manual_seed(n)
     ulps = torch.randint(0, 40, (4, n), generator=g, dtype=torch.int32)
-    base = torch.tensor([1.0, -3.0, 2.0**-130, 1e30]).view(torch.int32)  # normal, negative, subnormal, large
+    base = torch.tensor([1.0, -3.0, 2.0**-130, 1e30]).view(
+        torch.int32
+    )  # normal, negative, subnormal, large
     s = (base[:, None] + ulps).view(torch.float32)
     s[2, ::7] = -s[2, ::7]  # subnormals of both signs
     k, valid = torch.tensor([1, n // 3, n - 5, n]), torch.tensor([n, n - 1, n, n // 2])
@@ -240,7 +287,14 @@ def test_select_triton_radix_digits(n, no_fallback):
 @interpreted
 def test_select_dispatcher_triton(monkeypatch):
     args = ragged_case(5)
-    check_dispatcher(monkeypatch, st, "select_tokens_triton", select_tokens, args, select_tokens_ref(*args))
+    check_dispatcher(
+        monkeypatch,
+        st,
+        "select_tokens_triton",
+        select_tokens,
+        args,
+        select_tokens_ref(*args),
+    )
 
 
 def check_dispatcher(monkeypatch, module, name, dispatcher, args, expected):
@@ -248,13 +302,17 @@ def check_dispatcher(monkeypatch, module, name, dispatcher, args, expected):
     tensors does not (the call count stays at 1); every mode returns the reference's exact answer."""
     calls = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     want = expected if isinstance(expected, tuple) else (expected,)
     for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):
         monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
         got = dispatcher(*args)
         got = got if isinstance(got, tuple) else (got,)
-        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), mode
+        assert len(got) == len(want) and all(
+            torch.equal(g, w) for g, w in zip(got, want)
+        ), mode
         assert len(calls) == n_calls, mode
 
 
@@ -268,7 +326,13 @@ def loop_maxmin(x: torch.Tensor, k: int, valid: int, first: int | None = None):
     (exact ties, such as two mutual nearest neighbours for the first pick, go to the lower index)."""
     rows = [[float(v) for v in x[i].double()] for i in range(valid)]
     norms = [math.sqrt(sum(v * v for v in r)) for r in rows]
-    d = [[1.0 - sum(a * b for a, b in zip(ri, rj)) / (ni * nj) for rj, nj in zip(rows, norms)] for ri, ni in zip(rows, norms)]
+    d = [
+        [
+            1.0 - sum(a * b for a, b in zip(ri, rj)) / (ni * nj)
+            for rj, nj in zip(rows, norms)
+        ]
+        for ri, ni in zip(rows, norms)
+    ]
     gap = math.inf
 
     def best(values: dict[int, float]) -> int:
@@ -281,10 +345,19 @@ def loop_maxmin(x: torch.Tensor, k: int, valid: int, first: int | None = None):
     if k == 0:
         return [], gap
     if first is None:
-        first = best({i: min((d[i][j] for j in range(valid) if j != i), default=math.inf) for i in range(valid)})
+        first = best(
+            {
+                i: min((d[i][j] for j in range(valid) if j != i), default=math.inf)
+                for i in range(valid)
+            }
+        )
     picks = [first]
     while len(picks) < k:
-        picks.append(best({i: min(d[s][i] for s in picks) for i in range(valid) if i not in picks}))
+        picks.append(
+            best(
+                {i: min(d[s][i] for s in picks) for i in range(valid) if i not in picks}
+            )
+        )
     return picks, gap
 
 
@@ -301,12 +374,16 @@ def test_maxmin_ref_matches_python_loop(seed):
             idx, order = maxmin_select_ref(x, kk, valid, fst, return_order=True)
             for b in range(2):
                 v = int(valid[b])
-                exp, gap = loop_maxmin(x[b], min(k, v), v, None if fst is None else int(fst[b]))
+                exp, gap = loop_maxmin(
+                    x[b], min(k, v), v, None if fst is None else int(fst[b])
+                )
                 assert gap > 1e-5  # no float32-vs-float64 near ties in this data
                 got = order[b][order[b] >= 0].tolist()
                 assert got == exp, (k, b, fst)
                 assert idx[b][idx[b] >= 0].tolist() == sorted(exp)
-                assert (idx[b][len(exp):] == -1).all() and (order[b][len(exp):] == -1).all()
+                assert (idx[b][len(exp) :] == -1).all() and (
+                    order[b][len(exp) :] == -1
+                ).all()
 
 
 def test_cosine_distance_matches_float64():
@@ -318,7 +395,9 @@ def test_cosine_distance_matches_float64():
     nd = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     exp = 1 - nd @ nd.transpose(1, 2)
     assert d.dtype == torch.float32 and torch.allclose(d.double(), exp, atol=1e-6)
-    assert torch.equal(d[1, 4], torch.ones(9)) and torch.equal(d[1, :, 4], torch.ones(9))
+    assert torch.equal(d[1, 4], torch.ones(9)) and torch.equal(
+        d[1, :, 4], torch.ones(9)
+    )
 
 
 def circle_expected(dirs: list[int], first_dir: int) -> list[int]:
@@ -335,7 +414,16 @@ def circle_expected(dirs: list[int], first_dir: int) -> list[int]:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_maxmin_circle_divprune_known_answer(seed):
-    copies = [1, 3, 2, 3, 2, 2, 3, 2]  # direction 0 alone: the only token with no twin -> first
+    copies = [
+        1,
+        3,
+        2,
+        3,
+        2,
+        2,
+        3,
+        2,
+    ]  # direction 0 alone: the only token with no twin -> first
     x, dirs = circle(copies, seed)
     n = len(dirs)
     exp = circle_expected(dirs, 0)
@@ -352,8 +440,12 @@ def test_maxmin_circle_divprune_known_answer(seed):
 
 def test_maxmin_circle_kcenter_known_answer():
     x, dirs = circle([2, 3, 2, 2, 3, 2, 2, 2], seed=4)
-    start = max(i for i, a in enumerate(dirs) if a == 2)  # a duplicate, not the lowest index
-    _, order = maxmin_select_ref(x[None], torch.tensor([8]), first=torch.tensor([start]), return_order=True)
+    start = max(
+        i for i, a in enumerate(dirs) if a == 2
+    )  # a duplicate, not the lowest index
+    _, order = maxmin_select_ref(
+        x[None], torch.tensor([8]), first=torch.tensor([start]), return_order=True
+    )
     exp = circle_expected(dirs, 2)
     assert order[0].tolist() == [start, *exp[1:]]
 
@@ -363,10 +455,16 @@ def test_maxmin_valid_padding_and_batch_invariance():
     n = len(dirs)
     junk = torch.full((5, x.shape[1]), 7.0)  # padding that would be far from everything
     junk[:, 0] = -100.0
-    batch = torch.stack([torch.cat([x, junk]), torch.cat([x[:9], torch.zeros(n + 5 - 9, x.shape[1])])])
+    batch = torch.stack(
+        [torch.cat([x, junk]), torch.cat([x[:9], torch.zeros(n + 5 - 9, x.shape[1])])]
+    )
     idx = maxmin_select_ref(batch, torch.tensor([10, 30]), torch.tensor([n, 9]))
     assert idx.shape == (2, 10)
-    assert (idx[0] < n).all() and (idx[1][idx[1] >= 0] < 9).all() and (idx[1, 9:] == -1).all()
+    assert (
+        (idx[0] < n).all()
+        and (idx[1][idx[1] >= 0] < 9).all()
+        and (idx[1, 9:] == -1).all()
+    )
     assert torch.equal(idx[0], maxmin_select_ref(x[None], torch.tensor([10]))[0])
     assert torch.equal(idx[1, :9], torch.arange(9))
 
@@ -374,17 +472,25 @@ def test_maxmin_valid_padding_and_batch_invariance():
 def test_maxmin_errors():
     x = torch.randn(2, 5, 3)
     with pytest.raises(ValueError, match="first"):
-        maxmin_select_ref(x, torch.tensor([2, 2]), torch.tensor([5, 3]), first=torch.tensor([0, 3]))
+        maxmin_select_ref(
+            x, torch.tensor([2, 2]), torch.tensor([5, 3]), first=torch.tensor([0, 3])
+        )
     with pytest.raises(ValueError, match=r"\[-1, 2\]"):
         maxmin_select_ref(x, torch.tensor([-1, 2]))
     with pytest.raises(ValueError, match="B, N, D"):
         maxmin_select_ref(x[0], torch.tensor([1]))
     # k = 0 rows accept any first; empty batches give [0, 0]
-    assert maxmin_select_ref(x, torch.tensor([0, 0]), first=torch.tensor([9, 9])).shape == (2, 0)
-    assert maxmin_select_ref(torch.zeros(0, 5, 3), torch.zeros(0, dtype=torch.long)).shape == (0, 0)
+    assert maxmin_select_ref(
+        x, torch.tensor([0, 0]), first=torch.tensor([9, 9])
+    ).shape == (2, 0)
+    assert maxmin_select_ref(
+        torch.zeros(0, 5, 3), torch.zeros(0, dtype=torch.long)
+    ).shape == (0, 0)
 
 
-def maxmin_case(seed: int, b: int = 3, n_max: int = 40, d: int = 6, dtype=torch.float32):
+def maxmin_case(
+    seed: int, b: int = 3, n_max: int = 40, d: int = 6, dtype=torch.float32
+):
     g = torch.Generator().manual_seed(seed)
     n = int(torch.randint(2, n_max + 1, (1,), generator=g))
     x = torch.randn(b, n, d, generator=g)
@@ -406,7 +512,9 @@ def maxmin_case(seed: int, b: int = 3, n_max: int = 40, d: int = 6, dtype=torch.
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("seeded", [False, True])
 def test_maxmin_triton_matches_ref(seed, seeded, no_fallback):
-    x, k, valid, first = maxmin_case(seed, dtype=torch.bfloat16 if seed % 3 == 1 else torch.float32)
+    x, k, valid, first = maxmin_case(
+        seed, dtype=torch.bfloat16 if seed % 3 == 1 else torch.float32
+    )
     fst = first if seeded else None
     idx, order = mt.maxmin_select_triton(x, k, valid, fst, return_order=True)
     exp_idx, exp_order = mm.maxmin_select_ref(x, k, valid, fst, return_order=True)
@@ -441,7 +549,14 @@ def test_maxmin_triton_long_row(no_fallback):
 @interpreted
 def test_maxmin_dispatcher_triton(monkeypatch):
     args = maxmin_case(3)
-    check_dispatcher(monkeypatch, mt, "maxmin_select_triton", maxmin_select, args, maxmin_select_ref(*args))
+    check_dispatcher(
+        monkeypatch,
+        mt,
+        "maxmin_select_triton",
+        maxmin_select,
+        args,
+        maxmin_select_ref(*args),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +576,10 @@ def flow_case(seed: int):
     valid = torch.tensor([n, n // 2 + 1, 0, n])
     k = torch.tensor([1, n, 2, max(1, n // 5)])
     every = 1 + seed % 3
-    rpl = tuple(n_layers - 1 - j if (n_layers - 1 - j) % every == 0 else None for j in range(n_layers))
+    rpl = tuple(
+        n_layers - 1 - j if (n_layers - 1 - j) % every == 0 else None
+        for j in range(n_layers)
+    )
     weights = (1.0, 1.0, 0.5) if seed % 3 else (0.7, 1.9, 0.3)
     return attn, sem, dens, k, valid, fl.FlowSchedule(rpl, *weights)
 
@@ -480,16 +598,27 @@ def test_flowcut_triton_matches_ref(seed, no_fallback):
 @interpreted
 def test_flowcut_dispatcher_triton(monkeypatch):
     case = flow_case(2)
-    check_dispatcher(monkeypatch, ft, "flowcut_select_triton", fl.flowcut_select, case, fl.flowcut_select_ref(*case))
+    check_dispatcher(
+        monkeypatch,
+        ft,
+        "flowcut_select_triton",
+        fl.flowcut_select,
+        case,
+        fl.flowcut_select_ref(*case),
+    )
 
 
 def test_flowcut_ref_errors():
     attn = torch.rand(3, 2, 5)
     k, valid = torch.tensor([1, 2]), torch.tensor([5, 5])
     with pytest.raises(ValueError, match="rpl"):
-        fl.flowcut_select_ref(attn, None, None, k, valid, fl.FlowSchedule((None, 1, None)))
+        fl.flowcut_select_ref(
+            attn, None, None, k, valid, fl.FlowSchedule((None, 1, None))
+        )
     with pytest.raises(ValueError, match="sem"):
-        fl.flowcut_select_ref(attn, torch.rand(3, 2, 4), None, k, valid, fl.FlowSchedule((None, None, 0)))
+        fl.flowcut_select_ref(
+            attn, torch.rand(3, 2, 4), None, k, valid, fl.FlowSchedule((None, None, 0))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,11 +632,22 @@ def hiprune_case(seed: int):
     g = torch.Generator().manual_seed(seed)
     h, w = [(4, 5), (1, 7), (6, 6), (24, 24), (3, 1)][seed % 5]
     n, b = h * w, 5
-    obj = torch.randint(0, 4, (b, n), generator=g).float() if seed % 2 else torch.rand(b, n, generator=g)
-    reg = torch.randint(0, 3, (b, n), generator=g).float() if seed % 3 else torch.rand(b, n, generator=g)
+    obj = (
+        torch.randint(0, 4, (b, n), generator=g).float()
+        if seed % 2
+        else torch.rand(b, n, generator=g)
+    )
+    reg = (
+        torch.randint(0, 3, (b, n), generator=g).float()
+        if seed % 3
+        else torch.rand(b, n, generator=g)
+    )
     obj[0, 0] = float("nan")
     counts = [n, int(torch.randint(0, n + 1, (1,), generator=g)), 0, n, n]
-    ks = [min(c, int(x)) for c, x in zip(counts, torch.randint(0, n + 1, (b,), generator=g))]
+    ks = [
+        min(c, int(x))
+        for c, x in zip(counts, torch.randint(0, n + 1, (b,), generator=g))
+    ]
     ks[3], ks[4] = n, min(n, 1 + seed)
     alpha = [0.1, 0.5, 1.0, 0.3][seed % 4]
     slots = [min(k, math.floor(alpha * k + 0.5)) for k in ks]
@@ -522,16 +662,24 @@ def loop_hiprune(obj, reg, ks, counts, slots, grid):
         if k >= nv:
             out.append(list(range(nv)))
             continue
+
         def by(x):
             vals = [-math.inf if math.isnan(float(v)) else float(v) for v in x[i]]
             return sorted(range(nv), key=lambda j: (-vals[j], j))
+
         anchors = by(obj)[: math.ceil(m / 5)]
         chosen = list(anchors)
         for a in anchors:
             r, c = divmod(a, w)
             for dr, dc in hp.NEIGHBOURS:
                 t = (r + dr) * w + c + dc
-                if len(chosen) < m and 0 <= r + dr < h and 0 <= c + dc < w and t < nv and t not in chosen:
+                if (
+                    len(chosen) < m
+                    and 0 <= r + dr < h
+                    and 0 <= c + dc < w
+                    and t < nv
+                    and t not in chosen
+                ):
                     chosen.append(t)
         chosen += [j for j in by(reg) if j not in chosen][: k - len(chosen)]
         out.append(sorted(chosen))
@@ -558,7 +706,14 @@ def test_hiprune_triton_matches_ref(seed, no_fallback):
 @interpreted
 def test_hiprune_dispatcher_triton(monkeypatch):
     case = hiprune_case(3)
-    check_dispatcher(monkeypatch, ht, "hiprune_select_triton", hp.hiprune_select, case, hp.hiprune_select_ref(*case))
+    check_dispatcher(
+        monkeypatch,
+        ht,
+        "hiprune_select_triton",
+        hp.hiprune_select,
+        case,
+        hp.hiprune_select_ref(*case),
+    )
 
 
 def test_hiprune_ref_errors():
@@ -579,10 +734,18 @@ def visionzip_case(seed: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     n, d = [(12, 8), (40, 24), (576, 64)][seed % 3]
     b = 3
-    attn = torch.randint(0, 5, (b, n), generator=g).float() if seed % 2 else torch.rand(b, n, generator=g)
+    attn = (
+        torch.randint(0, 5, (b, n), generator=g).float()
+        if seed % 2
+        else torch.rand(b, n, generator=g)
+    )
     attn[0, 2] = float("nan")
-    metric = torch.randn(b, n, 40, generator=g)  # wider than one block of the assignment kernel
-    metric[:, 1::3] = metric[:, 0:1]  # duplicates: equal similarities, the lower target wins
+    metric = torch.randn(
+        b, n, 40, generator=g
+    )  # wider than one block of the assignment kernel
+    metric[:, 1::3] = metric[
+        :, 0:1
+    ]  # duplicates: equal similarities, the lower target wins
     feats = (torch.randn(b, n, d, generator=g) * 3).to(dtype)
     nv = n - seed % 4
     ki = [1, 5, nv // 3, nv - 1][seed % 4]
@@ -609,7 +772,9 @@ def test_visionzip_triton_matches_ref(seed, no_fallback):
     attn, metric, feats, nv, ki, n_dom, _ = case
     dom = mg.visionzip_merge_ref(attn, metric, feats, nv, n_dom, n_dom, 0)[0]
     for i in range(attn.shape[0]):
-        slots = [j for j, t in enumerate(got[0][i].tolist()) if t in set(dom[i].tolist())]
+        slots = [
+            j for j, t in enumerate(got[0][i].tolist()) if t in set(dom[i].tolist())
+        ]
         assert len(slots) == n_dom
         assert torch.equal(got[1][i, slots], feats[i, got[0][i, slots]])
 
@@ -621,14 +786,18 @@ def test_visionzip_triton_ties_across_target_blocks(no_fallback):
     g = torch.Generator().manual_seed(0)
     n = 160
     attn = torch.zeros(2, n)
-    attn[:, 150:] = 1.0  # dominant: 150..159; remaining 0..149, targets 0..139, others 140..149
+    attn[:, 150:] = (
+        1.0  # dominant: 150..159; remaining 0..149, targets 0..139, others 140..149
+    )
     metric = torch.randn(2, n, 24, generator=g)
     metric[:, [5, 70, 130, *range(140, 150)]] = torch.randn(2, 1, 24, generator=g)
     feats = torch.randn(2, n, 8, generator=g)
     got = gt.visionzip_merge_triton(attn, metric, feats, n, 150, 10, 140)
     check_merge(got, mg.visionzip_merge_ref(attn, metric, feats, n, 150, 10, 140))
     assert got[0][:, :140].tolist() == [list(range(140))] * 2
-    torch.testing.assert_close(got[1][:, 5], torch.cat([feats[:, 5:6], feats[:, 140:150]], 1).mean(1))
+    torch.testing.assert_close(
+        got[1][:, 5], torch.cat([feats[:, 5:6], feats[:, 140:150]], 1).mean(1)
+    )
 
 
 @interpreted
@@ -636,7 +805,9 @@ def test_visionzip_dispatcher_triton(monkeypatch):
     case = visionzip_case(5)
     calls = []
     real = gt.visionzip_merge_triton
-    monkeypatch.setattr(gt, "visionzip_merge_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        gt, "visionzip_merge_triton", lambda *a: calls.append(1) or real(*a)
+    )
     exp = mg.visionzip_merge_ref(*case)
     for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):
         monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
@@ -656,7 +827,15 @@ def test_visionzip_ref_errors():
 # attention_rows (CLS rows of many layers)
 
 
-def rows_case(seed: int, dtype: torch.dtype, p: int = 5, i: int = 3, t: int = 37, d: int = 32, gain: float = 1.0):
+def rows_case(
+    seed: int,
+    dtype: torch.dtype,
+    p: int = 5,
+    i: int = 3,
+    t: int = 37,
+    d: int = 32,
+    gain: float = 1.0,
+):
     """p layers' query and key tensors [I, T, D] (own tensors, as the projections give them)."""
     g = torch.Generator().manual_seed(seed)
     queries = [torch.randn(i, t, d, generator=g).mul(gain).to(dtype) for _ in range(p)]
@@ -671,7 +850,10 @@ def loop_rows(queries, keys, heads, scale, scaled):
     for p, (q, k) in enumerate(zip(queries, keys)):
         for i in range(k.shape[0]):
             for h in range(heads):
-                qh, kh = q[i, 0, h * hd:(h + 1) * hd].double(), k[i, :, h * hd:(h + 1) * hd].double()
+                qh, kh = (
+                    q[i, 0, h * hd : (h + 1) * hd].double(),
+                    k[i, :, h * hd : (h + 1) * hd].double(),
+                )
                 logits = kh @ qh * (scale if p < scaled else 1.0)
                 out[p, i] += torch.softmax(logits, 0) / heads
     return out
@@ -682,32 +864,63 @@ def test_attention_rows_ref_equals_the_loops(dtype):
     from vlmprune.kernels.rows import attention_rows_ref
 
     queries, keys = rows_case(0, dtype)
-    probs, norms = attention_rows_ref(queries, keys, heads=4, scale=0.35, scaled=2, norms_from=3)
+    probs, norms = attention_rows_ref(
+        queries, keys, heads=4, scale=0.35, scaled=2, norms_from=3
+    )
     # bfloat16: logits up to ~30 here are rounded to steps of 1/8, as SDPA's would be
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=0.1)
-    torch.testing.assert_close(probs.double(), loop_rows(queries, keys, 4, 0.35, 2), **tol)
-    torch.testing.assert_close(norms, torch.stack([k.float().norm(dim=-1) for k in keys[3:]]), **tol)
+    tol = (
+        dict(atol=1e-6, rtol=1e-5)
+        if dtype == torch.float32
+        else dict(atol=2e-2, rtol=0.1)
+    )
+    torch.testing.assert_close(
+        probs.double(), loop_rows(queries, keys, 4, 0.35, 2), **tol
+    )
+    torch.testing.assert_close(
+        norms, torch.stack([k.float().norm(dim=-1) for k in keys[3:]]), **tol
+    )
 
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("seed, heads, scaled, norms_from, t, d, gain", [
-    (0, 4, 2, 3, 37, 32, 1.0), (1, 2, 5, None, 37, 32, 1.0), (2, 8, 0, 0, 37, 32, 1.0),
-    # several token blocks, heads of 128 channels; logits kept small (|l| < ~4)
-    # so that a bfloat16 logit one unit off moves its probability by < 1%
-    (5, 2, 1, 1, 100, 256, 0.05),
-    (6, 32, 3, 2, 70, 128, 0.5),  # 32 heads of 4 channels each
-    (7, 16, 2, 1, 2100, 64, 0.5),  # a [T, H] block too big for one softmax program: torch's softmax
-])
-def test_attention_rows_triton_matches_ref(seed, heads, scaled, norms_from, t, d, gain, dtype, no_fallback):
+@pytest.mark.parametrize(
+    "seed, heads, scaled, norms_from, t, d, gain",
+    [
+        (0, 4, 2, 3, 37, 32, 1.0),
+        (1, 2, 5, None, 37, 32, 1.0),
+        (2, 8, 0, 0, 37, 32, 1.0),
+        # several token blocks, heads of 128 channels; logits kept small (|l| < ~4)
+        # so that a bfloat16 logit one unit off moves its probability by < 1%
+        (5, 2, 1, 1, 100, 256, 0.05),
+        (6, 32, 3, 2, 70, 128, 0.5),  # 32 heads of 4 channels each
+        (
+            7,
+            16,
+            2,
+            1,
+            2100,
+            64,
+            0.5,
+        ),  # a [T, H] block too big for one softmax program: torch's softmax
+    ],
+)
+def test_attention_rows_triton_matches_ref(
+    seed, heads, scaled, norms_from, t, d, gain, dtype, no_fallback
+):
     from vlmprune.kernels.rows import attention_rows_ref
 
     queries, keys = rows_case(seed, dtype, t=t, d=d, gain=gain)
-    got, got_norms = rt.attention_rows_triton(queries, keys, heads, 0.35, scaled, norms_from)
+    got, got_norms = rt.attention_rows_triton(
+        queries, keys, heads, 0.35, scaled, norms_from
+    )
     exp, exp_norms = attention_rows_ref(queries, keys, heads, 0.35, scaled, norms_from)
     # float32: the dot products are summed in another order; bfloat16: a logit may round to the
     # neighbouring bfloat16 value
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=5e-2)
+    tol = (
+        dict(atol=1e-6, rtol=1e-5)
+        if dtype == torch.float32
+        else dict(atol=1e-2, rtol=5e-2)
+    )
     torch.testing.assert_close(got, exp, **tol)
     assert got.shape == (5, 3, t)
     torch.testing.assert_close(got.sum(-1), torch.ones(5, 3), atol=1e-5, rtol=0)
@@ -737,7 +950,9 @@ def test_attention_rows_dispatcher_triton(monkeypatch):
     queries, keys = rows_case(4, torch.float32, p=3)
     calls = []
     real = rt.attention_rows_triton
-    monkeypatch.setattr(rt, "attention_rows_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        rt, "attention_rows_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     exp, _ = rows.attention_rows_ref(queries, keys, 4, 0.5, 2)
     for mode, n_calls in (("torch", 0), ("triton", 1), ("auto", 1)):
         monkeypatch.setenv("VLMPRUNE_KERNELS", mode)
@@ -766,4 +981,10 @@ def test_collected_signals_triton_equal_the_eager_attention(monkeypatch, no_fall
     for name in ("cls_attn", "cls_value_attn", "value_norms"):
         assert sorted(getattr(got, name)) == list(getattr(request, name)), name
         for layer, value in getattr(got, name).items():
-            torch.testing.assert_close(value, ref[name][layer], atol=1e-5, rtol=1e-4, msg=f"{name} layer {layer}")
+            torch.testing.assert_close(
+                value,
+                ref[name][layer],
+                atol=1e-5,
+                rtol=1e-4,
+                msg=f"{name} layer {layer}",
+            )

@@ -25,11 +25,29 @@ from vlmprune.eval.tiny import left_pad
 FAMILIES = ("llava", "qwen2_vl")
 # what each family's processor and prompt give for one 336 px image
 EXPECT = {
-    "llava": {"cls": "LlavaForConditionalGeneration", "n_visual": 576, "pixels": (1, 3, 336, 336),
-              "first": core.BOS_ID, "specials": ["<pad>", "<s>", "</s>", "<unk>", "<image>"]},
-    "qwen2_vl": {"cls": "Qwen2VLForConditionalGeneration", "n_visual": 144, "pixels": (576, 3 * 2 * 14 * 14),
-                 "first": 5, "specials": ["<pad>", "<s>", "</s>", "<unk>", "<|image_pad|>", "<|vision_start|>",
-                                          "<|vision_end|>", "<|video_pad|>"]},
+    "llava": {
+        "cls": "LlavaForConditionalGeneration",
+        "n_visual": 576,
+        "pixels": (1, 3, 336, 336),
+        "first": core.BOS_ID,
+        "specials": ["<pad>", "<s>", "</s>", "<unk>", "<image>"],
+    },
+    "qwen2_vl": {
+        "cls": "Qwen2VLForConditionalGeneration",
+        "n_visual": 144,
+        "pixels": (576, 3 * 2 * 14 * 14),
+        "first": 5,
+        "specials": [
+            "<pad>",
+            "<s>",
+            "</s>",
+            "<unk>",
+            "<|image_pad|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|video_pad|>",
+        ],
+    },
 }
 
 
@@ -50,7 +68,22 @@ def needs_family(name: str) -> None:
 def _train(tmp_path_factory, name: str):
     needs_family(name)
     out = tmp_path_factory.mktemp(name)
-    assert train.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", name]) == 0
+    assert (
+        train.main(
+            [
+                "--out",
+                str(out),
+                "--quick",
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--family",
+                name,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -60,9 +93,14 @@ def _load(path, name: str):
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        model = train.get_family(name).model_class().from_pretrained(path, local_files_only=True,
-                                                                          dtype=torch.float32)
-        processor = load_processor(path, local_files_only=True)  # AutoProcessor (images only without torchvision)
+        model = (
+            train.get_family(name)
+            .model_class()
+            .from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        )
+        processor = load_processor(
+            path, local_files_only=True
+        )  # AutoProcessor (images only without torchvision)
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
@@ -106,14 +144,18 @@ def items_of(split: str, n: int) -> list:
 
 
 def uint8_images(items) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(it.image.convert("RGB")) for it in items]))
+    return torch.from_numpy(
+        np.stack([np.asarray(it.image.convert("RGB")) for it in items])
+    )
 
 
 def random_model(name: str, processor, attn: str = "sdpa"):
     """A fresh quick-size model of the family, its weights shaken (N(0, 0.3) added) so that its
     greedy answers differ from item to item: checks on its outputs bite."""
     fam = train.get_family(name)
-    model = fam.build_model(fam.quick_arch, len(processor.tokenizer), attn=attn, seed=1).eval()
+    model = fam.build_model(
+        fam.quick_arch, len(processor.tokenizer), attn=attn, seed=1
+    ).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -126,14 +168,23 @@ def random_model(name: str, processor, attn: str = "sdpa"):
 # --------------------------------------------------------------------------------------------
 def test_quick_run_writes_the_artifacts(trained, family):
     names = {p.name for p in trained.iterdir()}
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "processor_config.json", "chat_template.jinja", "train_log.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "train_log.json",
+    ):
         assert name in names, name
     log = json.loads((trained / "train_log.json").read_text())
     assert log["family"] == family
     assert log["test"] is not None and 0.0 <= log["test"]["acc"] <= 1.0
     assert log["test"]["n"] == 4
-    assert any(r["stage"] == 1 for r in log["train"]) and any(r["stage"] == 2 for r in log["train"])
+    assert any(r["stage"] == 1 for r in log["train"]) and any(
+        r["stage"] == 2 for r in log["train"]
+    )
     assert len(log["val"]) >= 1
     from safetensors import safe_open
 
@@ -148,13 +199,38 @@ def test_continued_run_starts_from_the_saved_model(trained, family, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "continued"
-    assert train.main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--family", family,
-                            "--init", str(trained), "--pool-start", "1000", "--lr", "0"]) == 0
+    assert (
+        train.main(
+            [
+                "--out",
+                str(out),
+                "--quick",
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--family",
+                family,
+                "--init",
+                str(trained),
+                "--pool-start",
+                "1000",
+                "--lr",
+                "0",
+            ]
+        )
+        == 0
+    )
     log = json.loads((out / "train_log.json").read_text())
     assert log["args"]["init"] == str(trained) and log["times"]["stage1_steps"] == 0
     assert not any(r["stage"] == 1 for r in log["train"])
-    before, after = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    before, after = (
+        load_file(str(trained / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
+    assert before.keys() == after.keys() and all(
+        torch.equal(before[k], after[k]) for k in before
+    )
 
 
 def test_reloaded_config_is_llava15_shaped(artifacts):
@@ -162,7 +238,10 @@ def test_reloaded_config_is_llava15_shaped(artifacts):
     cfg = model.config
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
-    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert (
+        cfg.vision_feature_layer == -2
+        and cfg.vision_feature_select_strategy == "default"
+    )
     assert cfg.image_token_id == core.IMAGE_ID
 
 
@@ -177,10 +256,18 @@ def test_reloaded_config_is_qwen2_vl_shaped(artifacts):
     section = t.rope_parameters["mrope_section"]
     assert sum(section) == t.hidden_size // t.num_attention_heads // 2
     tok = processor.tokenizer
-    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") == core.IMAGE_ID
+    assert (
+        cfg.image_token_id
+        == tok.convert_tokens_to_ids("<|image_pad|>")
+        == core.IMAGE_ID
+    )
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
     assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
-    assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>") != tok.unk_token_id
+    assert (
+        cfg.video_token_id
+        == tok.convert_tokens_to_ids("<|video_pad|>")
+        != tok.unk_token_id
+    )
     assert type(processor).__name__ == "Qwen2VLProcessor"
     assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
 
@@ -188,12 +275,20 @@ def test_reloaded_config_is_qwen2_vl_shaped(artifacts):
 def test_default_qwen2_vl_fits_in_10_mib(tmp_path):
     """The default Qwen2-VL sizes with the full vocabulary: fp16 safetensors of at most 10 MiB."""
     fam = train.get_family("qwen2_vl")
-    tok = core.build_tokenizer(core.vocabulary_texts(shapes, 200), map(str, shapes.ANSWER_VOCAB), fam)
-    model = fam.build_model(fam.arch, len(tok) + 16)  # margin for words of later training seeds
+    tok = core.build_tokenizer(
+        core.vocabulary_texts(shapes, 200), map(str, shapes.ANSWER_VOCAB), fam
+    )
+    model = fam.build_model(
+        fam.arch, len(tok) + 16
+    )  # margin for words of later training seeds
     core.save_model(model, None, tmp_path)
     assert (tmp_path / "model.safetensors").stat().st_size <= 10 * 2**20
     cfg = model.config
-    assert (cfg.vision_config.embed_dim, cfg.vision_config.depth, cfg.vision_config.num_heads) == (192, 6, 4)
+    assert (
+        cfg.vision_config.embed_dim,
+        cfg.vision_config.depth,
+        cfg.vision_config.num_heads,
+    ) == (192, 6, 4)
     assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers) == (256, 4)
     assert cfg.text_config.rope_parameters["mrope_section"] == [8, 12, 12]
 
@@ -210,17 +305,28 @@ def test_processor_expands_one_image(loaded, family):
     assert tuple(inputs["pixel_values"].shape) == expect["pixels"]
     if family == "qwen2_vl":
         assert inputs["image_grid_thw"].tolist() == [[1, 24, 24]]
-        assert inputs["mm_token_type_ids"][0].tolist() == (ids == core.IMAGE_ID).long().tolist()
+        assert (
+            inputs["mm_token_type_ids"][0].tolist()
+            == (ids == core.IMAGE_ID).long().tolist()
+        )
     assert ids[0].item() == expect["first"]
     # the trainer's own token rows are the processor's
     assert ids.tolist() == core.prompt_ids(processor.tokenizer, item.question, fam)
     # the chat template renders the same prompt
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}]
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": item.question}],
+        }
+    ]
     assert processor.apply_chat_template(chat, add_generation_prompt=True) == prompt
     # and the reloaded model generates from it
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 1 and out.shape[1] > ids.shape[0]
-    assert isinstance(processor.tokenizer.decode(out[0, ids.shape[0]:], skip_special_tokens=True), str)
+    assert isinstance(
+        processor.tokenizer.decode(out[0, ids.shape[0] :], skip_special_tokens=True),
+        str,
+    )
 
 
 def test_every_answer_is_one_token(loaded, family):
@@ -232,7 +338,10 @@ def test_every_answer_is_one_token(loaded, family):
         ids = tok(str(answer), add_special_tokens=False)["input_ids"]
         assert len(ids) == 1, (answer, ids)
         assert ids[0] != tok.unk_token_id, answer
-        assert tok.decode(ids, skip_special_tokens=True).strip() == str(answer).strip().lower(), answer
+        assert (
+            tok.decode(ids, skip_special_tokens=True).strip()
+            == str(answer).strip().lower()
+        ), answer
 
 
 def test_evaluate_scores_batched_left_padded(loaded, family):
@@ -242,7 +351,9 @@ def test_evaluate_scores_batched_left_padded(loaded, family):
     details: dict = {}
     acc = train.evaluate(model, processor, items, batch_size=4, details=details)
     assert 0.0 <= acc <= 1.0 and len(details["predictions"]) == 4
-    assert len(set(details["predictions"])) > 1  # the random model's answers differ: the check below bites
+    assert (
+        len(set(details["predictions"])) > 1
+    )  # the random model's answers differ: the check below bites
     # batching with left padding does not change a row's answer
     single = [train.predict(model, processor, [it], batch_size=1)[0] for it in items]
     assert single == details["predictions"]
@@ -257,7 +368,9 @@ def test_gpu_pixel_values_equal_the_processors(loaded, family):
     rounding for LLaVA's CLIP normalisation."""
     _, processor = loaded
     items = items_of("val", 3)
-    expected = processor.image_processor(images=[it.image for it in items], return_tensors="pt")["pixel_values"]
+    expected = processor.image_processor(
+        images=[it.image for it in items], return_tensors="pt"
+    )["pixel_values"]
     got = train.get_family(family).pixel_transform(processor)(uint8_images(items))
     assert got.shape == expected.shape
     if family == "qwen2_vl":
@@ -274,19 +387,29 @@ def test_training_forward_equals_the_models_forward(loaded, family):
     fam = train.get_family(family)
     model = random_model(family, processor)
     items = items_of("val", 3)
-    inputs = processor(images=[it.image for it in items], text=[fam.prompt.format(question=it.question) for it in items],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=[it.image for it in items],
+        text=[fam.prompt.format(question=it.question) for it in items],
+        return_tensors="pt",
+        padding=True,
+    )
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     assert (mask == 0).any()  # the rows are left-padded
     k = 6
     with torch.no_grad():
-        out = fam.vision(model, fam.pixel_transform(processor)(uint8_images(items)), frozen=True)
-        got = fam.lm_forward(model, ids, out.tokens, mask, fam.position_ids(model, ids, mask), k)
+        out = fam.vision(
+            model, fam.pixel_transform(processor)(uint8_images(items)), frozen=True
+        )
+        got = fam.lm_forward(
+            model, ids, out.tokens, mask, fam.position_ids(model, ids, mask), k
+        )
         kwargs = {}
         if family == "llava":  # as generate() prepares them
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         expected = model(**inputs, **kwargs, logits_to_keep=k).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # fp32 sums in another order
+    torch.testing.assert_close(
+        got, expected, atol=1e-4, rtol=1e-4
+    )  # fp32 sums in another order
 
 
 def test_qwen2_vl_positions_equal_get_rope_index():
@@ -296,12 +419,17 @@ def test_qwen2_vl_positions_equal_get_rope_index():
 
     model = q.QWEN2_VL.build_model(core.QUICK_ARCH, 40)
     image = [q.VISION_START_ID] + [core.IMAGE_ID] * q.N_VISUAL + [q.VISION_END_ID]
-    for rows, n_images in (([image + list(range(10, 10 + n)) for n in (3, 7, 5)], 3),
-                           ([image + [9] + image + [11, 12], [13] + image + [14] + image], 4)):
+    for rows, n_images in (
+        ([image + list(range(10, 10 + n)) for n in (3, 7, 5)], 3),
+        ([image + [9] + image + [11, 12], [13] + image + [14] + image], 4),
+    ):
         ids, mask = left_pad(rows)
-        expected, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == core.IMAGE_ID).int(),
-                                                 image_grid_thw=torch.tensor([[1, 24, 24]] * n_images),
-                                                 attention_mask=mask)
+        expected, _ = model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=(ids == core.IMAGE_ID).int(),
+            image_grid_thw=torch.tensor([[1, 24, 24]] * n_images),
+            attention_mask=mask,
+        )
         assert torch.equal(q.mrope_positions(ids, mask), expected)
 
 
@@ -318,18 +446,27 @@ def test_qwen2_vl_tower_order_and_window_targets():
     assert torch.equal(pos[:, 0], order // 24) and torch.equal(pos[:, 1], order % 24)
     assert torch.equal(q.on_device("positions", torch.device("cpu")), pos)
     dense = torch.zeros((1, core.DENSE_ROWS, 24, 24), dtype=torch.uint8)
-    dense[0, 0, 0, 0], dense[0, 0, 0, 1], dense[0, 0, 1, 0] = 3, 3, 5  # kinds in the first window
+    dense[0, 0, 0, 0], dense[0, 0, 0, 1], dense[0, 0, 1, 0] = (
+        3,
+        3,
+        5,
+    )  # kinds in the first window
     dense[0, 1, 23, 23] = 2  # a colour in the last window's last patch
     dense[0, 5, 0, :2] = 100  # object x under two patches of the first window
     raster = dense.reshape(1, core.DENSE_ROWS, 576)
     soft, where = q.window_targets(raster[:, :, order], [12, 7])
-    assert soft[0][0, 0, [0, 3, 5]].tolist() == [0.25, 0.5, 0.25] and soft[0][0, 1, 0] == 1.0
+    assert (
+        soft[0][0, 0, [0, 3, 5]].tolist() == [0.25, 0.5, 0.25]
+        and soft[0][0, 1, 0] == 1.0
+    )
     assert soft[1][0, 143, [0, 2]].tolist() == [0.75, 0.25]
     assert where[0, 0].tolist() == pytest.approx([50 / 255, 0.0])
     heads = torch.zeros((1, 2, 576))
     heads[0, 1, 5 * 24 + 7] = 1  # patch (5, 7) -> merged token (2, 3)
     pooled = q.QWEN2_VL.visual_targets(heads)
-    assert pooled.shape == (1, 2, 144) and pooled[0, 1].nonzero().flatten().tolist() == [2 * 12 + 3]
+    assert pooled.shape == (1, 2, 144) and pooled[
+        0, 1
+    ].nonzero().flatten().tolist() == [2 * 12 + 3]
     assert pooled[0, 0].sum() == 0
 
 
@@ -340,22 +477,40 @@ def test_attention_probe_row_equals_eager_attention(loaded, family):
     fam = train.get_family(family)
     model = random_model(family, processor, attn="eager")
     items = items_of("val", 2)
-    inputs = processor(images=[it.image for it in items], text=[fam.prompt.format(question=it.question) for it in items],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=[it.image for it in items],
+        text=[fam.prompt.format(question=it.question) for it in items],
+        return_tensors="pt",
+        padding=True,
+    )
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     layer = model.config.text_config.num_hidden_layers - 1
     attn = model.model.language_model.layers[layer].self_attn
     probe = core.AttentionProbe(model, [])
     probe.key_mask, probe.query_index = mask.bool(), -1
     seen = {}
-    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(kw), with_kwargs=True
+    )
     try:
         with torch.no_grad():
-            out = fam.vision(model, fam.pixel_transform(processor)(uint8_images(items)), frozen=True)
-            fam.lm_forward(model, ids, out.tokens, mask, fam.position_ids(model, ids, mask), 1)
-            row = probe.attention_row(attn, seen["hidden_states"], seen["position_embeddings"])
-            kwargs = {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)} if family == "llava" else {}
-            eager = model(**inputs, **kwargs, output_attentions=True).attentions[layer][:, :probe.heads, -1]
+            out = fam.vision(
+                model, fam.pixel_transform(processor)(uint8_images(items)), frozen=True
+            )
+            fam.lm_forward(
+                model, ids, out.tokens, mask, fam.position_ids(model, ids, mask), 1
+            )
+            row = probe.attention_row(
+                attn, seen["hidden_states"], seen["position_embeddings"]
+            )
+            kwargs = (
+                {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)}
+                if family == "llava"
+                else {}
+            )
+            eager = model(**inputs, **kwargs, output_attentions=True).attentions[layer][
+                :, : probe.heads, -1
+            ]
     finally:
         handle.remove()
     torch.testing.assert_close(row, eager.float(), atol=1e-5, rtol=1e-4)
@@ -381,7 +536,9 @@ def test_cached_frozen_features_give_the_visual_tokens(loaded, family):
         expected = fam.vision(model, pixels(images), frozen=True).tokens
         first = fam.project(model, cache.get(torch.tensor([3, 1, 3])))
         second = fam.project(model, cache.get(torch.tensor([0, 1, 2, 3, 2])))
-    assert torch.equal(first, expected[[3, 1, 3]]) and torch.equal(second, expected[[0, 1, 2, 3, 2]])
+    assert torch.equal(first, expected[[3, 1, 3]]) and torch.equal(
+        second, expected[[0, 1, 2, 3, 2]]
+    )
     assert calls == [[1, 3], [0, 2]] and cache.computed == 4
 
 
@@ -392,7 +549,9 @@ def test_dense_targets_place_each_object_where_its_scene_says():
     """Rows 5 / 6 of `LabelSpace.dense` hold, under each object's box, its centre (0..255 of the
     image side); the class maps mark the centre patch with the object's kind."""
     space = core.LabelSpace(shapes)
-    item = next(it for it in map(shapes.make_item, range(50)) if len(it.scene.objects) >= 2)
+    item = next(
+        it for it in map(shapes.make_item, range(50)) if len(it.scene.objects) >= 2
+    )
     dense = space.dense(item).reshape(core.DENSE_ROWS, core.GRID, core.GRID)
     top = item.scene.objects[-1]  # drawn last, so nothing covers its centre patch
     cx, cy = top.centre
@@ -403,7 +562,10 @@ def test_dense_targets_place_each_object_where_its_scene_says():
     own = (np.arange(core.GRID) + 0.5) * core.PATCH_SIZE / item.scene.width * 255
     background = dense[0] == 0  # no object or word: the patch's own centre
     assert background.any()
-    assert (dense[5][background] == np.round(np.broadcast_to(own[None, :], background.shape)[background])).all()
+    assert (
+        dense[5][background]
+        == np.round(np.broadcast_to(own[None, :], background.shape)[background])
+    ).all()
 
 
 def test_qtype_weights_parse_and_refuse_unknown_types():

@@ -680,16 +680,14 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 epoch = done / steps_per_epoch
                 val_hist.append(
-                    {
-                        "epoch": round(epoch, 2),
-                        "step": done,
-                        "val_acc": round(acc, 4),
-                        "per_qtype": {
-                            q: round(v, 4) for q, v in details["per_qtype"].items()
-                        },
-                        "t": round(time.perf_counter() - t_start, 2),
-                        "eval_s": round(time.perf_counter() - te, 2),
-                    }
+                    val_record(
+                        done,
+                        steps_per_epoch,
+                        acc,
+                        details,
+                        t_start,
+                        eval_s=round(time.perf_counter() - te, 2),
+                    )
                 )
                 stale = 0 if acc > best + 0.002 else stale + 1
                 if acc > best:
@@ -741,15 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             max_answer + 1,
             details=details,
         )
-        val_hist.append(
-            {
-                "epoch": round(done / steps_per_epoch, 2),
-                "step": done,
-                "val_acc": round(acc, 4),
-                "per_qtype": {q: round(v, 4) for q, v in details["per_qtype"].items()},
-                "t": round(time.perf_counter() - t_start, 2),
-            }
-        )
+        val_hist.append(val_record(done, steps_per_epoch, acc, details, t_start))
         log(f"[val] final step {done} acc {acc:.4f} (best before {best:.4f})")
         if acc >= best:
             best, best_step = acc, done
@@ -801,6 +791,20 @@ def main(argv: list[str] | None = None) -> int:
         f"[done] model.safetensors {size / 2**20:.2f} MiB, {total / 1e6:.2f}M params; times {times}"
     )
     return 0
+
+
+def val_record(
+    done: int, steps_per_epoch: int, acc: float, details: dict, t_start: float, **extra
+) -> dict:
+    """One validation entry of train_log.json (after an epoch, or the last state)."""
+    return {
+        "epoch": round(done / steps_per_epoch, 2),
+        "step": done,
+        "val_acc": round(acc, 4),
+        "per_qtype": {q: round(v, 4) for q, v in details["per_qtype"].items()},
+        "t": round(time.perf_counter() - t_start, 2),
+        **extra,
+    }
 
 
 def _write_log(

@@ -32,13 +32,23 @@ class Layout:
     orig_len: int
     new_len: int
     lens: list[int]  # tokens each row keeps
-    ids: np.ndarray  # [B, new_len] the token id of each place (0 at visual places and padding)
+    ids: (
+        np.ndarray
+    )  # [B, new_len] the token id of each place (0 at visual places and padding)
     mask: np.ndarray | None  # [B, new_len] the attention mask, None when none is needed
     visual: np.ndarray  # [sum(kept)] the places of the kept visual tokens
-    pads: np.ndarray  # places that are padding (none when every row keeps new_len tokens)
-    source: np.ndarray | None = None  # [B, new_len] each place's prompt column (visual: image start + rank)
-    image_start: np.ndarray | None = None  # [sum(kept)] the prompt column of each kept token's image's first
-    rank: np.ndarray | None = None  # [B, new_len] each place's rank among its row's kept tokens
+    pads: (
+        np.ndarray
+    )  # places that are padding (none when every row keeps new_len tokens)
+    source: np.ndarray | None = (
+        None  # [B, new_len] each place's prompt column (visual: image start + rank)
+    )
+    image_start: np.ndarray | None = (
+        None  # [sum(kept)] the prompt column of each kept token's image's first
+    )
+    rank: np.ndarray | None = (
+        None  # [B, new_len] each place's rank among its row's kept tokens
+    )
 
 
 def plan_layout(
@@ -57,25 +67,41 @@ def plan_layout(
     `columns=False` skips what only position ids and labels need (`source`, `image_start`, `rank`)."""
     ids, visual, (b, length) = input_ids.numpy(), is_visual.numpy(), input_ids.shape
     # numpy costs ~1 us a call and Python ~0.1 us a step: the work goes image by image where it can
-    places = np.flatnonzero(visual)  # every visual token's flat prompt index, image by image
+    places = np.flatnonzero(
+        visual
+    )  # every visual token's flat prompt index, image by image
     if places.size != sum(per_image):
-        raise ValueError(f"vlmprune: the prompt holds {places.size} image tokens, the images {sum(per_image)}")
+        raise ValueError(
+            f"vlmprune: the prompt holds {places.size} image tokens, the images {sum(per_image)}"
+        )
     ends = list(itertools.accumulate(per_image))
     firsts = [e - n for e, n in zip(ends, per_image)]
-    starts = places[[min(f, places.size - 1) for f in firsts]].tolist() if places.size else [0] * len(per_image)
-    lasts = places[[max(e - 1, 0) for e in ends]].tolist() if places.size else [0] * len(per_image)
+    starts = (
+        places[[min(f, places.size - 1) for f in firsts]].tolist()
+        if places.size
+        else [0] * len(per_image)
+    )
+    lasts = (
+        places[[max(e - 1, 0) for e in ends]].tolist()
+        if places.size
+        else [0] * len(per_image)
+    )
     if attention_mask is not None:
         attended = attention_mask.numpy().reshape(-1)[places] != 0
         if not attended.all():
             r, c = divmod(int(places[np.argmin(attended)]), length)
-            raise ValueError(f"vlmprune: the attention_mask is 0 at an image token (row {r}, column {c}); image "
-                             f"tokens must be attended to")
+            raise ValueError(
+                f"vlmprune: the attention_mask is 0 at an image token (row {r}, column {c}); image "
+                f"tokens must be attended to"
+            )
     # for the layout, image i keeps its first kept[i] tokens: the places are the same for any choice
     keep = np.ones(b * length, dtype=bool)
     dropped = [0] * b  # per row, so far
     before = []  # per image: (row, dropped in its row before it)
     for i, (n, k, s, e) in enumerate(zip(per_image, kept, starts, lasts)):
-        if n and (e - s != n - 1 or s // length != e // length):  # places ascend: one run iff e - s = n - 1
+        if n and (
+            e - s != n - 1 or s // length != e // length
+        ):  # places ascend: one run iff e - s = n - 1
             raise ValueError(
                 f"vlmprune: the {n} tokens of image {i} are not one run within a row of the prompt (image token "
                 f"counts {per_image}, rows of {length}); pruning needs each image's placeholder tokens consecutive"
@@ -87,7 +113,9 @@ def plan_layout(
     lens = [length - d for d in dropped]
     new_len = max(lens, default=0)
     ragged = any(n != new_len for n in lens)
-    offset = [0 if right_padded else new_len - n for n in lens]  # padding before each row
+    offset = [
+        0 if right_padded else new_len - n for n in lens
+    ]  # padding before each row
     kept_places = np.flatnonzero(keep)  # row-major: the output's order
     src = kept_places  # the prompt place of each output place (b * length at padding)
     count = None
@@ -96,28 +124,48 @@ def plan_layout(
     if ragged:
         row = kept_places // length
         src = np.full(b * new_len, b * length, dtype=np.int64)
-        src[row * new_len + np.asarray(offset)[row] + count.reshape(-1)[kept_places] - 1] = kept_places
+        src[
+            row * new_len + np.asarray(offset)[row] + count.reshape(-1)[kept_places] - 1
+        ] = kept_places
     pads = np.flatnonzero(src == b * length) if ragged else np.zeros(0, np.int64)
 
     def place(values: np.ndarray, fill: int) -> np.ndarray:
-        flat = np.append(values.reshape(-1), np.asarray(fill, values.dtype)) if ragged else values.reshape(-1)
+        flat = (
+            np.append(values.reshape(-1), np.asarray(fill, values.dtype))
+            if ragged
+            else values.reshape(-1)
+        )
         return flat[src].reshape(b, new_len)
 
     mask = None
     if attention_mask is not None or ragged:
-        mask = place(attention_mask.numpy() if attention_mask is not None else np.ones((b, length), np.int64), 0)
+        mask = place(
+            attention_mask.numpy()
+            if attention_mask is not None
+            else np.ones((b, length), np.int64),
+            0,
+        )
     # image i's kept tokens fill new_len * row + offset + (its column - tokens dropped before it) + rank
-    base = [r * new_len + offset[r] + s - r * length - d for (r, d), s in zip(before, starts)]
+    base = [
+        r * new_len + offset[r] + s - r * length - d
+        for (r, d), s in zip(before, starts)
+    ]
     total = sum(kept)
-    ranks = np.arange(total) - np.repeat([e - k for e, k in zip(itertools.accumulate(kept), kept)], kept)
+    ranks = np.arange(total) - np.repeat(
+        [e - k for e, k in zip(itertools.accumulate(kept), kept)], kept
+    )
     visual_places = np.repeat(base, kept) + ranks if total else np.zeros(0, np.int64)
     out_ids = place(ids, 0)
-    out_ids.reshape(-1)[visual_places] = 0  # the image token may lie outside the table: its rows come later
+    out_ids.reshape(-1)[visual_places] = (
+        0  # the image token may lie outside the table: its rows come later
+    )
     layout = Layout(length, new_len, lens, out_ids, mask, visual_places, pads)
     if columns:
         layout.source = (src % length).reshape(b, new_len)
         layout.source.reshape(-1)[pads] = 0
-        layout.image_start = np.repeat([s % length for s in starts], kept).astype(np.int64)
+        layout.image_start = np.repeat([s % length for s in starts], kept).astype(
+            np.int64
+        )
         layout.rank = place(count, 1) - 1
     return layout
 
@@ -160,20 +208,30 @@ def assemble(
     get zeros (mask, embeddings, positions) and -100 (labels)."""
     b, new_len = layout.ids.shape
     device = embed.weight.device
-    needs_source = labels is not None or position_ids is not None or positions == "original"
+    needs_source = (
+        labels is not None or position_ids is not None or positions == "original"
+    )
     if needs_source and layout.visual.size and visual_index is None:
-        raise ValueError("assemble: position ids and labels need visual_index (the kept tokens' indices in their "
-                         "images)")
+        raise ValueError(
+            "assemble: position ids and labels need visual_index (the kept tokens' indices in their "
+            "images)"
+        )
     removed = layout.orig_len - np.asarray(layout.lens, dtype=np.int64)
     parts = [layout.ids, layout.visual, layout.pads, removed]
     if layout.mask is not None:
         parts.append(layout.mask)
     if needs_source:
         if layout.source is None:
-            raise ValueError("assemble: position ids and labels need a layout planned with columns=True")
+            raise ValueError(
+                "assemble: position ids and labels need a layout planned with columns=True"
+            )
         parts += [layout.source, layout.image_start, layout.rank]
-    host = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False))
-    buf = to_device(host, device).split([p.size for p in parts])  # one copy for all of it
+    host = torch.from_numpy(
+        np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False)
+    )
+    buf = to_device(host, device).split(
+        [p.size for p in parts]
+    )  # one copy for all of it
     ids, visual, pads, removed = buf[:4]
     embeds = embed(ids.view(b, new_len))
     flat = embeds.view(b * new_len, -1)
@@ -188,13 +246,17 @@ def assemble(
     pos = new_labels = None
     if needs_source:
         source, image_start, rank = buf[-3:]
-        if visual.numel():  # the visual places' columns: their image's first column + their index in it
+        if (
+            visual.numel()
+        ):  # the visual places' columns: their image's first column + their index in it
             # out of place: `source` shares the copied buffer with `visual`, which autograd may keep
             source = source.index_copy(0, visual, image_start + visual_index.to(device))
         source = source.view(b, new_len)  # padding places hold 0
         if position_ids is not None:
             pos = position_ids.to(device).expand(b, -1).gather(1, source)
-            if positions == "compact":  # minus the tokens removed before each: its column minus its rank
+            if (
+                positions == "compact"
+            ):  # minus the tokens removed before each: its column minus its rank
                 pos = pos - source + rank.view(b, new_len)
             if pads.numel():
                 pos.view(-1).index_fill_(0, pads, 0)
@@ -214,7 +276,9 @@ def place_columns(layout: Layout, visual_index: torch.Tensor, device) -> torch.T
     if layout.source is None:
         raise ValueError("place_columns: needs a layout planned with columns=True")
     parts = [layout.source, layout.visual, layout.image_start]
-    host = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False))
+    host = torch.from_numpy(
+        np.concatenate([p.reshape(-1) for p in parts]).astype(np.int64, copy=False)
+    )
     source, visual, image_start = to_device(host, device).split([p.size for p in parts])
     if visual.numel():
         source = source.index_copy(0, visual, image_start + visual_index.to(device))

@@ -24,7 +24,9 @@ def interpreted(kernel) -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     mode = os.environ.get("VLMPRUNE_KERNELS", "auto").lower()
     if mode not in ("auto", "torch", "triton"):
-        raise ValueError(f"VLMPRUNE_KERNELS={mode!r}; allowed: 'auto', 'torch', 'triton'")
+        raise ValueError(
+            f"VLMPRUNE_KERNELS={mode!r}; allowed: 'auto', 'torch', 'triton'"
+        )
     if mode == "torch":
         return False
     if mode == "triton":

@@ -28,15 +28,23 @@ EPS = 1e-6
 
 def _check(kernel: torch.Tensor, ks: list[int], counts: list[int]) -> None:
     if kernel.ndim != 3 or kernel.shape[1] != kernel.shape[2]:
-        raise ValueError(f"dpp_greedy: kernel must be [B, N, N], got {tuple(kernel.shape)}")
+        raise ValueError(
+            f"dpp_greedy: kernel must be [B, N, N], got {tuple(kernel.shape)}"
+        )
     b, n, _ = kernel.shape
     if len(ks) != b or len(counts) != b:
-        raise ValueError(f"dpp_greedy: need one k and one count per image ({b}), got {ks} and {counts}")
+        raise ValueError(
+            f"dpp_greedy: need one k and one count per image ({b}), got {ks} and {counts}"
+        )
     if any(not 0 <= c <= n for c in counts) or any(k < 0 for k in ks):
-        raise ValueError(f"dpp_greedy: need 0 <= count <= {n} and k >= 0, got counts {counts}, ks {ks}")
+        raise ValueError(
+            f"dpp_greedy: need 0 <= count <= {n} and k >= 0, got counts {counts}, ks {ks}"
+        )
 
 
-def dpp_greedy_ref(kernel: torch.Tensor, ks: list[int], counts: list[int]) -> torch.Tensor:
+def dpp_greedy_ref(
+    kernel: torch.Tensor, ks: list[int], counts: list[int]
+) -> torch.Tensor:
     """[B, max(ks)] kept indices (ascending, -1 padded): greedy MAP of the DPP with kernel [B, N, N]
     (float32) over each image's first counts[b] tokens, min(ks[b], counts[b]) picks."""
     _check(kernel, ks, counts)
@@ -51,7 +59,9 @@ def dpp_greedy_ref(kernel: torch.Tensor, ks: list[int], counts: list[int]) -> to
     pos = torch.arange(n, device=device)
     valid = pos[None, :] < to_device(counts, device)[:, None]
     d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
-    floor = EPS * d2.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True).clamp(min=0)  # [B, 1]
+    floor = EPS * d2.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True).clamp(
+        min=0
+    )  # [B, 1]
     free = valid.clone()
     c = torch.zeros(kmax, b, n, dtype=torch.float32, device=device)
     rows = torch.arange(b, device=device)
@@ -61,12 +71,17 @@ def dpp_greedy_ref(kernel: torch.Tensor, ks: list[int], counts: list[int]) -> to
         active = t < active_at  # [B]
         gain = torch.where(d2 > floor, d2, torch.zeros_like(d2)).nan_to_num(nan=0.0)
         gain = gain.masked_fill(~free, float("-inf"))
-        j = gain.argmax(dim=1)  # ties: the lower index; all gains 0: the first free token
+        j = gain.argmax(
+            dim=1
+        )  # ties: the lower index; all gains 0: the first free token
         dj = d2[rows, j]
         grow = active & (dj > floor[:, 0])
         num = L[rows, j] - torch.einsum("tb,tbn->bn", c[:t, rows, j], c[:t])
-        e = torch.where(grow[:, None], num / dj.clamp(min=torch.finfo(torch.float32).tiny).sqrt()[:, None],
-                        torch.zeros_like(num))
+        e = torch.where(
+            grow[:, None],
+            num / dj.clamp(min=torch.finfo(torch.float32).tiny).sqrt()[:, None],
+            torch.zeros_like(num),
+        )
         c[t] = e
         d2 = d2 - e * e
         free[rows, j] = free[rows, j] & ~active

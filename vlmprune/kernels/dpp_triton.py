@@ -74,7 +74,9 @@ def can_launch(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreted(_dpp_kernel))
 
 
-def dpp_greedy_triton(kernel: torch.Tensor, ks: list[int], counts: list[int]) -> torch.Tensor:
+def dpp_greedy_triton(
+    kernel: torch.Tensor, ks: list[int], counts: list[int]
+) -> torch.Tensor:
     """`dpp_greedy_ref` in one launch (the host lists go over in one asynchronous copy)."""
     _check(kernel, ks, counts)
     b, n, _ = kernel.shape
@@ -93,9 +95,18 @@ def dpp_greedy_triton(kernel: torch.Tensor, ks: list[int], counts: list[int]) ->
     scratch = torch.empty((b, kmax, n), dtype=torch.float32, device=dev)
     block = max(16, triton.next_power_of_2(n))
     _dpp_kernel[(b,)](
-        lk, host[0], host[1], scratch, idx,
-        n, lk.stride(0), lk.stride(1), scratch.stride(0), kmax,
-        EPS_=EPS, BLOCK_N=block,
+        lk,
+        host[0],
+        host[1],
+        scratch,
+        idx,
+        n,
+        lk.stride(0),
+        lk.stride(1),
+        scratch.stride(0),
+        kmax,
+        EPS_=EPS,
+        BLOCK_N=block,
         num_warps=4 if block <= 1024 else 8,
     )
     return idx

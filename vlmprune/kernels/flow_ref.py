@@ -40,18 +40,30 @@ class FlowSchedule:
     momentum: float = 0.5
 
 
-def _check(attn: torch.Tensor, sem, dens, k: torch.Tensor, valid: torch.Tensor, rpl) -> None:
+def _check(
+    attn: torch.Tensor, sem, dens, k: torch.Tensor, valid: torch.Tensor, rpl
+) -> None:
     if attn.ndim != 3:
         raise ValueError(f"attn must be [L, B, N], got shape {tuple(attn.shape)}")
     for name, t in (("sem", sem), ("dens", dens)):
         if t is not None and t.shape != attn.shape:
-            raise ValueError(f"{name} must have attn's shape {tuple(attn.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have attn's shape {tuple(attn.shape)}, got {tuple(t.shape)}"
+            )
     b = attn.shape[1]
     if k.shape != (b,) or valid.shape != (b,):
-        raise ValueError(f"k and valid must be [B] = [{b}], got {tuple(k.shape)} and {tuple(valid.shape)}")
-    if len(rpl) != attn.shape[0] or rpl[-1] != 0 or any(r is not None and r < 0 for r in rpl):
-        raise ValueError(f"rpl must give each of the {attn.shape[0]} layers None or the layers left (>= 0), "
-                         f"ending with 0 (the final cut); got {rpl}")
+        raise ValueError(
+            f"k and valid must be [B] = [{b}], got {tuple(k.shape)} and {tuple(valid.shape)}"
+        )
+    if (
+        len(rpl) != attn.shape[0]
+        or rpl[-1] != 0
+        or any(r is not None and r < 0 for r in rpl)
+    ):
+        raise ValueError(
+            f"rpl must give each of the {attn.shape[0]} layers None or the layers left (>= 0), "
+            f"ending with 0 (the final cut); got {rpl}"
+        )
 
 
 def _normalise(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
@@ -60,8 +72,14 @@ def _normalise(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     return x / x.sum(dim=-1, keepdim=True).clamp_min(TINY)
 
 
-def flowcut_select_ref(attn: torch.Tensor, sem: torch.Tensor | None, dens: torch.Tensor | None, k: torch.Tensor,
-                       valid: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
+def flowcut_select_ref(
+    attn: torch.Tensor,
+    sem: torch.Tensor | None,
+    dens: torch.Tensor | None,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    schedule: FlowSchedule,
+) -> torch.Tensor:
     """Kept indices [B, kmax] (ascending, -1 padded; kmax = max of k clipped to valid)."""
     rpl = schedule.rpl
     _check(attn, sem, dens, k, valid, rpl)
@@ -79,20 +97,38 @@ def flowcut_select_ref(attn: torch.Tensor, sem: torch.Tensor | None, dens: torch
         p = _normalise(attn[seg].float(), alive)  # [Ls, B, N]
         score = schedule.attn_weight * p
         if sem is not None:
-            score = score + schedule.semantic_weight * _normalise(sem[seg].float(), alive)
+            score = score + schedule.semantic_weight * _normalise(
+                sem[seg].float(), alive
+            )
         if dens is not None:
             score = score * dens[seg].float()
         for row in score:
-            flow = row if flow is None else schedule.momentum * flow + (1 - schedule.momentum) * row
+            flow = (
+                row
+                if flow is None
+                else schedule.momentum * flow + (1 - schedule.momentum) * row
+            )
         start = j + 1
         n_alive = alive.sum(1)
         if rpl[j] == 0:
             n_keep = torch.minimum(ks, n_alive)
         else:
             entropy = -torch.special.xlogy(p[-1], p[-1]).sum(1)
-            ratio = torch.where(n_alive > 1, entropy / n_alive.clamp_min(2).float().log(), torch.ones_like(entropy))
-            cut = torch.floor((n_alive - ks).clamp_min(0) / rpl[j] ** 0.5 * (1 - ratio**2) + 0.5).long().clamp_min(0)
+            ratio = torch.where(
+                n_alive > 1,
+                entropy / n_alive.clamp_min(2).float().log(),
+                torch.ones_like(entropy),
+            )
+            cut = (
+                torch.floor(
+                    (n_alive - ks).clamp_min(0) / rpl[j] ** 0.5 * (1 - ratio**2) + 0.5
+                )
+                .long()
+                .clamp_min(0)
+            )
             n_keep = torch.maximum(n_alive - cut, torch.minimum(ks, n_alive))
         order = rank(flow, alive)
-        alive = torch.zeros_like(alive).scatter(1, order, pos[None, :] < n_keep[:, None])
+        alive = torch.zeros_like(alive).scatter(
+            1, order, pos[None, :] < n_keep[:, None]
+        )
     return pack(alive, int(ks.max()) if b else 0)

@@ -23,22 +23,38 @@ CHUNK_BYTES = 2**28
 """Most bytes of float32 attention probabilities one query chunk may hold while a graph is built."""
 
 
-def attention_graph_ref(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, *, group: int = 1,
-                        mean_heads: bool = False, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+def attention_graph_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    scale: float,
+    *,
+    group: int = 1,
+    mean_heads: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
     """[B, H or 1, T/g, T/g] float32 softmax attention (rows: queries, columns: keys) of q, k
     [B, T, D]: logits = (q_h . k_h) * scale in the inputs' dtype, softmax in float32 (as HF's
     attention computes them), per head or their mean; with `group` g, pooled over groups of g
     consecutive tokens (sum over the key group, mean over the query group)."""
     b, t, _ = q.shape
     if t % group:
-        raise ValueError(f"attention_graph: {t} tokens are not a whole number of groups of {group}")
+        raise ValueError(
+            f"attention_graph: {t} tokens are not a whole number of groups of {group}"
+        )
     qh = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # [B, H, T, d]
     kh = k.unflatten(-1, (heads, -1)).transpose(1, 2)
     m = t // group
-    out = torch.zeros(b, 1 if mean_heads else heads, m, m, dtype=torch.float32, device=q.device)
+    out = torch.zeros(
+        b, 1 if mean_heads else heads, m, m, dtype=torch.float32, device=q.device
+    )
     step = max(group, chunk_bytes // max(1, 4 * b * heads * t) // group * group)
     for s in range(0, t, step):
-        p = torch.softmax(torch.matmul(qh[:, :, s : s + step], kh.transpose(2, 3)) * scale, dim=-1, dtype=torch.float32)
+        p = torch.softmax(
+            torch.matmul(qh[:, :, s : s + step], kh.transpose(2, 3)) * scale,
+            dim=-1,
+            dtype=torch.float32,
+        )
         if group > 1:
             c = p.shape[2]
             p = p.view(b, heads, c // group, group, m, group).sum(-1).mean(3)
@@ -51,9 +67,13 @@ def attention_graph_ref(q: torch.Tensor, k: torch.Tensor, heads: int, scale: flo
 def _check(graph: torch.Tensor, counts: list[int], iterations: int) -> None:
     if graph.ndim != 3 or graph.shape[1] != graph.shape[2]:
         raise ValueError(f"pagerank: graph must be [B, T, T], got {tuple(graph.shape)}")
-    if len(counts) != graph.shape[0] or any(not 0 <= c <= graph.shape[1] for c in counts):
-        raise ValueError(f"pagerank: need one count in [0, {graph.shape[1]}] per graph ({graph.shape[0]}), "
-                         f"got {counts}")
+    if len(counts) != graph.shape[0] or any(
+        not 0 <= c <= graph.shape[1] for c in counts
+    ):
+        raise ValueError(
+            f"pagerank: need one count in [0, {graph.shape[1]}] per graph ({graph.shape[0]}), "
+            f"got {counts}"
+        )
     if iterations < 0:
         raise ValueError(f"pagerank: iterations must be >= 0, got {iterations}")
 
@@ -65,7 +85,9 @@ def initial_scores(counts: list[int], t: int, device) -> torch.Tensor:
     return valid.float() / n.clamp(min=1).float()[:, None]
 
 
-def pagerank_ref(graph: torch.Tensor, counts: list[int], iterations: int) -> torch.Tensor:
+def pagerank_ref(
+    graph: torch.Tensor, counts: list[int], iterations: int
+) -> torch.Tensor:
     """[B, T] float32 weighted PageRank of row-stochastic graphs [B, T, T] (float32), each over its
     first counts[b] nodes (the rest: zero rows and columns, and zero scores)."""
     _check(graph, counts, iterations)

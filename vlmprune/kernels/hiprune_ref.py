@@ -23,22 +23,46 @@ NEIGHBOURS = ((-1, 0), (0, -1), (0, 1), (1, 0))
 """(row, column) steps of an anchor's buffers, in the order they are taken: up, left, right, down."""
 
 
-def _check(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], counts: list[int], slots: list[int],
-           grid: tuple[int, int]) -> None:
+def _check(
+    obj: torch.Tensor,
+    reg: torch.Tensor,
+    ks: list[int],
+    counts: list[int],
+    slots: list[int],
+    grid: tuple[int, int],
+) -> None:
     if obj.ndim != 2 or reg.shape != obj.shape:
-        raise ValueError(f"obj and reg must both be [I, N], got {tuple(obj.shape)} and {tuple(reg.shape)}")
+        raise ValueError(
+            f"obj and reg must both be [I, N], got {tuple(obj.shape)} and {tuple(reg.shape)}"
+        )
     i, n = obj.shape
     if not len(ks) == len(counts) == len(slots) == i:
-        raise ValueError(f"ks, counts and slots need one entry per image ({i}), got {len(ks)}, {len(counts)}, {len(slots)}")
+        raise ValueError(
+            f"ks, counts and slots need one entry per image ({i}), got {len(ks)}, {len(counts)}, {len(slots)}"
+        )
     if grid[0] * grid[1] != n:
-        raise ValueError(f"grid {grid[0]}x{grid[1]} does not cover the {n} visual tokens")
-    bad = [(k, c, m) for k, c, m in zip(ks, counts, slots) if not (0 <= k <= c and 0 <= m <= k)]
+        raise ValueError(
+            f"grid {grid[0]}x{grid[1]} does not cover the {n} visual tokens"
+        )
+    bad = [
+        (k, c, m)
+        for k, c, m in zip(ks, counts, slots)
+        if not (0 <= k <= c and 0 <= m <= k)
+    ]
     if bad:
-        raise ValueError(f"need 0 <= slots <= k <= count per image, got (k, count, slots) = {bad}")
+        raise ValueError(
+            f"need 0 <= slots <= k <= count per image, got (k, count, slots) = {bad}"
+        )
 
 
-def hiprune_select_ref(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], counts: list[int], slots: list[int],
-                       grid: tuple[int, int]) -> torch.Tensor:
+def hiprune_select_ref(
+    obj: torch.Tensor,
+    reg: torch.Tensor,
+    ks: list[int],
+    counts: list[int],
+    slots: list[int],
+    grid: tuple[int, int],
+) -> torch.Tensor:
     """Kept indices [I, max(ks)] (ascending, -1 padded). `ks` (clipped to `counts`), `counts`
     (valid tokens) and `slots` (m) are host lists, so nothing waits for the device."""
     _check(obj, reg, ks, counts, slots, grid)
@@ -57,21 +81,28 @@ def hiprune_select_ref(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], coun
         cand, ok = _candidates(anchors, to_device(n_anchor, device), n_valid, h, w)
         # a candidate counts if no earlier candidate is the same token; take them in order up to m
         same = (cand[:, :, None] == cand[:, None, :]) & ok[:, None, :]
-        earlier = torch.ones(cand.shape[1], cand.shape[1], dtype=torch.bool, device=device).tril(-1)
+        earlier = torch.ones(
+            cand.shape[1], cand.shape[1], dtype=torch.bool, device=device
+        ).tril(-1)
         new = ok & ~(same & earlier).any(-1)
         take = new & (new.cumsum(1) <= to_device(m, device)[:, None])
-        slots_ = torch.zeros(valid.shape[0], n + 1, dtype=torch.bool, device=device)  # column n: not taken
+        slots_ = torch.zeros(
+            valid.shape[0], n + 1, dtype=torch.bool, device=device
+        )  # column n: not taken
         chosen = slots_.scatter(1, torch.where(take, cand, n), True)[:, :n]
     # registers: the top `rest` of the deep layer's attention among the valid tokens not chosen
     rest = to_device(ks, device) - chosen.sum(1)
     order = rank(reg, valid & ~chosen)
-    keep = chosen | torch.zeros_like(chosen).scatter(1, order, torch.arange(n, device=device)[None, :] < rest[:, None])
+    keep = chosen | torch.zeros_like(chosen).scatter(
+        1, order, torch.arange(n, device=device)[None, :] < rest[:, None]
+    )
     keep = torch.where(to_device(full, device, torch.bool)[:, None], valid, keep)
     return pack(keep, max(ks, default=0))
 
 
-def _candidates(anchors: torch.Tensor, n_anchor: torch.Tensor, n_valid: torch.Tensor, h: int, w: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(
+    anchors: torch.Tensor, n_anchor: torch.Tensor, n_valid: torch.Tensor, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The anchors, then each anchor's 4-neighbours in anchor order: token indices [I, 5A] and
     whether each is usable (a real anchor of the image, or a neighbour inside the grid and among
     the valid tokens)."""
@@ -83,5 +114,14 @@ def _candidates(anchors: torch.Tensor, n_anchor: torch.Tensor, n_valid: torch.Te
     dc = to_device([s[1] for s in NEIGHBOURS], device)
     nr, nc = r[:, :, None] + dr, c[:, :, None] + dc  # [I, A, 4]
     nb = nr * w + nc
-    nb_ok = is_anchor[:, :, None] & (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w) & (nb < n_valid[:, None, None])
-    return torch.cat([anchors, nb.flatten(1)], 1), torch.cat([is_anchor, nb_ok.flatten(1)], 1)
+    nb_ok = (
+        is_anchor[:, :, None]
+        & (nr >= 0)
+        & (nr < h)
+        & (nc >= 0)
+        & (nc < w)
+        & (nb < n_valid[:, None, None])
+    )
+    return torch.cat([anchors, nb.flatten(1)], 1), torch.cat(
+        [is_anchor, nb_ok.flatten(1)], 1
+    )

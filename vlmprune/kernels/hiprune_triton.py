@@ -64,7 +64,9 @@ def _hiprune_kernel(
     if kb < vb:
         m = tl.load(m_ptr + b).to(tl.int32)
         n_anchor = (m + 4) // 5
-        key = order_keys(tl.load(obj_ptr + b * s_ob + offs, mask=live, other=0.0), live, BLOCK_N)
+        key = order_keys(
+            tl.load(obj_ptr + b * s_ob + offs, mask=live, other=0.0), live, BLOCK_N
+        )
         anchors = top_mask(key, live, n_anchor, BLOCK_N)
         chosen = anchors.to(tl.int32)
         count = n_anchor
@@ -76,13 +78,17 @@ def _hiprune_kernel(
             left = tl.where(offs == pos, 0, left)
             r = pos // w
             c = pos % w
-            chosen, count = _try_neighbour(chosen, count, r - 1, c, h, w, vb, m, offs)  # NEIGHBOURS order
+            chosen, count = _try_neighbour(
+                chosen, count, r - 1, c, h, w, vb, m, offs
+            )  # NEIGHBOURS order
             chosen, count = _try_neighbour(chosen, count, r, c - 1, h, w, vb, m, offs)
             chosen, count = _try_neighbour(chosen, count, r, c + 1, h, w, vb, m, offs)
             chosen, count = _try_neighbour(chosen, count, r + 1, c, h, w, vb, m, offs)
         free = live & (chosen == 0)
         reg = tl.load(reg_ptr + b * s_rb + offs, mask=live, other=0.0)
-        keep = (chosen != 0) | top_mask(order_keys(reg, free, BLOCK_N), free, kb - count, BLOCK_N)
+        keep = (chosen != 0) | top_mask(
+            order_keys(reg, free, BLOCK_N), free, kb - count, BLOCK_N
+        )
     store_ascending(idx_ptr + b * s_ib, keep, kb, kmax, BLOCK_N)
 
 
@@ -91,8 +97,14 @@ def can_launch(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreted(_hiprune_kernel))
 
 
-def hiprune_select_triton(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], counts: list[int], slots: list[int],
-                          grid: tuple[int, int]) -> torch.Tensor:
+def hiprune_select_triton(
+    obj: torch.Tensor,
+    reg: torch.Tensor,
+    ks: list[int],
+    counts: list[int],
+    slots: list[int],
+    grid: tuple[int, int],
+) -> torch.Tensor:
     """`hiprune_select_ref` in one launch (the host lists go over in one pinned asynchronous copy)."""
     _check(obj, reg, ks, counts, slots, grid)
     i, n = obj.shape
@@ -107,8 +119,19 @@ def hiprune_select_triton(obj: torch.Tensor, reg: torch.Tensor, ks: list[int], c
     obj, reg = obj.float().contiguous(), reg.float().contiguous()
     block = max(16, triton.next_power_of_2(n))
     _hiprune_kernel[(i,)](
-        obj, reg, host[0], host[1], host[2], idx,
-        n, grid[0], grid[1], obj.stride(0), reg.stride(0), idx.stride(0), kmax,
+        obj,
+        reg,
+        host[0],
+        host[1],
+        host[2],
+        idx,
+        n,
+        grid[0],
+        grid[1],
+        obj.stride(0),
+        reg.stride(0),
+        idx.stride(0),
+        kmax,
         BLOCK_N=block,
         num_warps=4 if block <= 1024 else 8,
     )

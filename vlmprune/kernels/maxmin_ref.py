@@ -48,7 +48,9 @@ def _prepare(
     k = torch.minimum(k.to(device=dev, dtype=torch.long), valid)
     if first is not None:
         if first.shape != (b,):
-            raise ValueError(f"first must be [B] = [{b}], got shape {tuple(first.shape)}")
+            raise ValueError(
+                f"first must be [B] = [{b}], got shape {tuple(first.shape)}"
+            )
         first = first.to(device=dev, dtype=torch.long)
         bad = (k > 0) & ((first < 0) | (first >= valid))
         if bad.any():
@@ -76,7 +78,10 @@ def gram_sum(feats: torch.Tensor) -> torch.Tensor:
         x = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
         try:
             g = torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without bmm(out_dtype=...): the float32 GEMM below
+        except (
+            TypeError,
+            RuntimeError,
+        ):  # torch without bmm(out_dtype=...): the float32 GEMM below
             g = None
         if g is not None:
             return g + g.transpose(1, 2)
@@ -124,7 +129,9 @@ def _start(feats: torch.Tensor, k, valid, first):
     nothing is kept)."""
     k, valid, first = _prepare(feats, k, valid, first)
     kmax = int(k.max()) if feats.shape[0] else 0
-    order = torch.full((feats.shape[0], kmax), -1, dtype=torch.long, device=feats.device)
+    order = torch.full(
+        (feats.shape[0], kmax), -1, dtype=torch.long, device=feats.device
+    )
     return k, valid, first, order, (cosine_distance(feats) if kmax else None)
 
 

@@ -64,7 +64,9 @@ def _rowmin_kernel(
         col_ok = cols < vb
         n_cols = _norms(base, cols, col_ok, s_dr, EPS2)
         m = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
-        s2 = tl.load(base + rows[:, None].to(tl.int64) * s_dr + cols[None, :], mask=m, other=0.0)
+        s2 = tl.load(
+            base + rows[:, None].to(tl.int64) * s_dr + cols[None, :], mask=m, other=0.0
+        )
         d = 1.0 - tl.math.div_rn(0.5 * s2, n_rows[:, None] * n_cols[None, :])
         acc = tl.minimum(acc, tl.min(tl.where(m, d, float("inf")), axis=1))
     tl.store(rowmin_ptr + b * n + rows, acc, mask=rows < n)
@@ -104,7 +106,9 @@ def _greedy_kernel(
     else:
         rm = tl.load(rowmin_ptr + b * n + offs, mask=live, other=float("-inf"))
         p = tl.argmax(rm, axis=0, tie_break_left=True).to(tl.int32)
-    p = tl.minimum(p, vb - 1)  # k = 0 rows (valid = 0), or an unchecked device `first`: keep it in bounds
+    p = tl.minimum(
+        p, vb - 1
+    )  # k = 0 rows (valid = 0), or an unchecked device `first`: keep it in bounds
     p = tl.maximum(p, 0)
 
     if kb > 0:
@@ -124,7 +128,11 @@ def _greedy_kernel(
 
     chosen = chosen & ((tl.full([BLOCK_N], 0, tl.int32) + kb) > 0)
     store_ascending(idx_ptr + b * s_ib, chosen, kb, kmax, BLOCK_N)
-    tl.store(order + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax))
+    tl.store(
+        order + offs,
+        tl.full([BLOCK_N], -1, tl.int64),
+        mask=(offs >= kb) & (offs < kmax),
+    )
 
 
 def can_launch(t: torch.Tensor) -> bool:
@@ -179,7 +187,14 @@ def maxmin_select_triton(
     picks in selection order. One device-to-host transfer (k, valid, first: kmax and checks),
     the distance GEMM, then one or two kernel launches."""
     b, n = feats.shape[:2] if feats.ndim == 3 else (0, 0)
-    if feats.ndim != 3 or b == 0 or n == 0 or n > MAX_N or not can_launch(feats) or not feats.is_floating_point():
+    if (
+        feats.ndim != 3
+        or b == 0
+        or n == 0
+        or n > MAX_N
+        or not can_launch(feats)
+        or not feats.is_floating_point()
+    ):
         return maxmin_select_ref(feats, k, valid, first, return_order=return_order)
     k, k_h = _host_values(k, valid, first, b, n)
     kmax = max(k_h)

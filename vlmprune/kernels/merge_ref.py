@@ -24,15 +24,32 @@ import torch
 from vlmprune.kernels.select_ref import gather_rows, pack, rank, to_device
 
 
-def _check(attn: torch.Tensor, metric: torch.Tensor, feats: torch.Tensor, nv: int, ki: int, n_dom: int, n_ctx: int):
+def _check(
+    attn: torch.Tensor,
+    metric: torch.Tensor,
+    feats: torch.Tensor,
+    nv: int,
+    ki: int,
+    n_dom: int,
+    n_ctx: int,
+):
     g, n = attn.shape if attn.ndim == 2 else (None, None)
-    if g is None or metric.shape[:2] != attn.shape or feats.shape[:2] != attn.shape or metric.ndim != 3 \
-            or feats.ndim != 3:
-        raise ValueError(f"attn [G, N], metric [G, N, M] and feats [G, N, D] must agree, got {tuple(attn.shape)}, "
-                         f"{tuple(metric.shape)} and {tuple(feats.shape)}")
+    if (
+        g is None
+        or metric.shape[:2] != attn.shape
+        or feats.shape[:2] != attn.shape
+        or metric.ndim != 3
+        or feats.ndim != 3
+    ):
+        raise ValueError(
+            f"attn [G, N], metric [G, N, M] and feats [G, N, D] must agree, got {tuple(attn.shape)}, "
+            f"{tuple(metric.shape)} and {tuple(feats.shape)}"
+        )
     if not (0 <= ki and 0 <= nv <= n and 0 <= n_ctx <= ki and n_dom + n_ctx == ki):
-        raise ValueError(f"need 0 <= nv <= N = {n}, 0 <= n_ctx <= ki and n_dom + n_ctx = ki; got nv={nv}, "
-                         f"ki={ki}, n_dom={n_dom}, n_ctx={n_ctx}")
+        raise ValueError(
+            f"need 0 <= nv <= N = {n}, 0 <= n_ctx <= ki and n_dom + n_ctx = ki; got nv={nv}, "
+            f"ki={ki}, n_dom={n_dom}, n_ctx={n_ctx}"
+        )
 
 
 def keep_first(feats: torch.Tensor, ki: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +58,9 @@ def keep_first(feats: torch.Tensor, ki: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.arange(ki, device=feats.device).expand(g, ki), feats[:, :ki]
 
 
-def pairwise_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 2**24) -> torch.Tensor:
+def pairwise_dot(
+    a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 2**24
+) -> torch.Tensor:
     """[G, R, M] x [G, C, M] -> [G, R, C] dot products, each summed on its own (a product and a
     row sum, R in chunks of at most `chunk_elems` products): a GEMM may round two identical
     columns differently (seen on CPU BLAS), and identical targets must tie so that the lower wins."""
@@ -50,11 +69,21 @@ def pairwise_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 2**24) -> 
     if r == 0 or c == 0:
         return a.new_zeros(g, r, c)
     step = max(1, chunk_elems // max(1, g * c * m))
-    return torch.cat([(a[:, s : s + step, None, :] * b[:, None]).sum(-1) for s in range(0, r, step)], dim=1)
+    return torch.cat(
+        [(a[:, s : s + step, None, :] * b[:, None]).sum(-1) for s in range(0, r, step)],
+        dim=1,
+    )
 
 
-def visionzip_merge_ref(attn: torch.Tensor, metric: torch.Tensor, feats: torch.Tensor, nv: int, ki: int, n_dom: int,
-                        n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def visionzip_merge_ref(
+    attn: torch.Tensor,
+    metric: torch.Tensor,
+    feats: torch.Tensor,
+    nv: int,
+    ki: int,
+    n_dom: int,
+    n_ctx: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([G, ki] kept indices ascending, [G, ki, D] features at them in feats' dtype), no host sync."""
     _check(attn, metric, feats, nv, ki, n_dom, n_ctx)
     g, n = attn.shape
@@ -64,7 +93,9 @@ def visionzip_merge_ref(attn: torch.Tensor, metric: torch.Tensor, feats: torch.T
     metric = torch.nn.functional.normalize(metric.float(), dim=-1)
     valid = (torch.arange(n, device=device) < nv).expand(g, n)
     order = rank(attn, valid)
-    is_dom = torch.zeros(g, n, dtype=torch.bool, device=device).scatter(1, order[:, :n_dom], True)
+    is_dom = torch.zeros(g, n, dtype=torch.bool, device=device).scatter(
+        1, order[:, :n_dom], True
+    )
     if n_ctx == 0:
         idx = pack(is_dom, ki)
         return idx, gather_rows(feats, idx)
@@ -76,12 +107,25 @@ def visionzip_merge_ref(attn: torch.Tensor, metric: torch.Tensor, feats: torch.T
     slots = torch.arange(n_rest)
     targets = rest_idx[:, to_device(slots[is_target], device)]  # [G, C]
     others = rest_idx[:, to_device(slots[~is_target], device)]  # [G, R - C]
-    group = pairwise_dot(gather_rows(metric, others), gather_rows(metric, targets)).argmax(dim=2)  # ties: lower target
+    group = pairwise_dot(
+        gather_rows(metric, others), gather_rows(metric, targets)
+    ).argmax(dim=2)  # ties: lower target
     d = feats.shape[-1]
-    sums = gather_rows(feats, targets).float().scatter_add(1, group[..., None].expand(-1, -1, d),
-                                                          gather_rows(feats, others).float())
-    counts = torch.ones(g, n_ctx, device=device).scatter_add(1, group, torch.ones(group.shape, device=device))
+    sums = (
+        gather_rows(feats, targets)
+        .float()
+        .scatter_add(
+            1, group[..., None].expand(-1, -1, d), gather_rows(feats, others).float()
+        )
+    )
+    counts = torch.ones(g, n_ctx, device=device).scatter_add(
+        1, group, torch.ones(group.shape, device=device)
+    )
     idx = pack(is_dom.scatter(1, targets, True), ki)
     out = gather_rows(feats, idx).float()
-    out.scatter_(1, torch.searchsorted(idx, targets)[..., None].expand(-1, -1, d), sums / counts[..., None])
+    out.scatter_(
+        1,
+        torch.searchsorted(idx, targets)[..., None].expand(-1, -1, d),
+        sums / counts[..., None],
+    )
     return idx, out.to(feats.dtype)

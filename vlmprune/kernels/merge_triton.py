@@ -57,7 +57,9 @@ def _split_kernel(
     x = tl.load(attn_ptr + g * s_ab + offs, mask=live, other=0.0)
     dom = top_mask(order_keys(x, live, BLOCK_N), live, n_dom, BLOCK_N)
     rest = live & ~dom
-    slot = tl.cumsum(rest.to(tl.int32), axis=0) - 1  # position among the remaining tokens
+    slot = (
+        tl.cumsum(rest.to(tl.int32), axis=0) - 1
+    )  # position among the remaining tokens
     target = rest & (slot % step == 0) & (slot < step * n_ctx)
     keep = dom | target
     store_ascending(idx_ptr + g * ki, keep, ki, ki, BLOCK_N)
@@ -65,7 +67,11 @@ def _split_kernel(
     store_ascending(oth_ptr + g * n_oth, rest & ~target, n_oth, n_oth, BLOCK_N)
     kept_slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tnum = tl.cumsum(target.to(tl.int32), axis=0) - 1
-    tl.store(tnum_ptr + g * ki + kept_slot, tl.where(target, tnum, -1).to(tl.int64), mask=keep)
+    tl.store(
+        tnum_ptr + g * ki + kept_slot,
+        tl.where(target, tnum, -1).to(tl.int64),
+        mask=keep,
+    )
 
 
 @triton.jit
@@ -93,7 +99,9 @@ def _assign_kernel(
     base = metric_ptr + g * s_mb
     best = tl.full([BLOCK_O], float("-inf"), tl.float32)
     pick = tl.zeros([BLOCK_O], tl.int32)
-    for c0 in range(0, n_ctx, BLOCK_C):  # targets in ascending blocks: a later block wins only if strictly better
+    for c0 in range(
+        0, n_ctx, BLOCK_C
+    ):  # targets in ascending blocks: a later block wins only if strictly better
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < n_ctx
         rows_c = tl.load(tgt_ptr + g * n_ctx + c, mask=c_ok, other=0)
@@ -103,10 +111,16 @@ def _assign_kernel(
         for start in range(0, m, BLOCK_M):
             j = start + tl.arange(0, BLOCK_M)
             j_ok = j < m
-            a = tl.load(base + rows_o[:, None] * s_mn + j[None, :] * s_mm, mask=o_ok[:, None] & j_ok[None, :],
-                        other=0.0).to(tl.float32)
-            b = tl.load(base + rows_c[:, None] * s_mn + j[None, :] * s_mm, mask=c_ok[:, None] & j_ok[None, :],
-                        other=0.0).to(tl.float32)
+            a = tl.load(
+                base + rows_o[:, None] * s_mn + j[None, :] * s_mm,
+                mask=o_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                base + rows_c[:, None] * s_mn + j[None, :] * s_mm,
+                mask=c_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             dots = dot(a, tl.trans(b), dots, "ieee", INTERPRETED)
             sq_o += tl.sum(a * a, axis=1)
             sq_c += tl.sum(b * b, axis=1)
@@ -116,7 +130,9 @@ def _assign_kernel(
         sim = tl.math.div_rn(tl.math.div_rn(dots, norm_o[:, None]), norm_c[None, :])
         sim = tl.where(c_ok[None, :], sim, float("-inf"))
         top = tl.max(sim, axis=1)
-        first = tl.min(tl.where(sim == top[:, None], c[None, :], n_ctx), axis=1)  # ties: the lower target
+        first = tl.min(
+            tl.where(sim == top[:, None], c[None, :], n_ctx), axis=1
+        )  # ties: the lower target
         better = top > best
         pick = tl.where(better, first, pick)
         best = tl.where(better, top, best)
@@ -148,19 +164,28 @@ def _merge_kernel(
     base = feats_ptr + g * s_fb
     src = tl.load(idx_ptr + g * ki + j)
     t = tl.load(tnum_ptr + g * ki + j)
-    vals = tl.load(base + src * s_fn + offs_d * s_fd, mask=in_d, other=0.0).to(tl.float32)
+    vals = tl.load(base + src * s_fn + offs_d * s_fd, mask=in_d, other=0.0).to(
+        tl.float32
+    )
     if t >= 0:
         cnt = vals * 0.0 + 1.0  # per lane, so the loop carries one type
         for start in range(0, n_oth, BLOCK_O):
             o = start + tl.arange(0, BLOCK_O)
             member = tl.load(grp_ptr + g * n_oth + o, mask=o < n_oth, other=-1) == t
             rows = tl.load(oth_ptr + g * n_oth + o, mask=member, other=0)
-            block = tl.load(base + rows[:, None] * s_fn + offs_d[None, :] * s_fd, mask=member[:, None] & in_d[None, :],
-                            other=0.0)
+            block = tl.load(
+                base + rows[:, None] * s_fn + offs_d[None, :] * s_fd,
+                mask=member[:, None] & in_d[None, :],
+                other=0.0,
+            )
             vals += tl.sum(block.to(tl.float32), axis=0)
             cnt += tl.sum(member.to(tl.float32), axis=0)
         vals = vals / cnt
-    tl.store(out_ptr + (g * ki + j) * d + offs_d, vals.to(out_ptr.dtype.element_ty), mask=in_d)
+    tl.store(
+        out_ptr + (g * ki + j) * d + offs_d,
+        vals.to(out_ptr.dtype.element_ty),
+        mask=in_d,
+    )
 
 
 def can_launch(t: torch.Tensor) -> bool:
@@ -168,15 +193,28 @@ def can_launch(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreted(_split_kernel))
 
 
-def visionzip_merge_triton(attn: torch.Tensor, metric: torch.Tensor, feats: torch.Tensor, nv: int, ki: int,
-                           n_dom: int, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def visionzip_merge_triton(
+    attn: torch.Tensor,
+    metric: torch.Tensor,
+    feats: torch.Tensor,
+    nv: int,
+    ki: int,
+    n_dom: int,
+    n_ctx: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`visionzip_merge_ref` in two launches around the similarity GEMM (no host sync)."""
     _check(attn, metric, feats, nv, ki, n_dom, n_ctx)
     g, n = attn.shape
     if ki >= nv:
         return keep_first(feats, ki)
-    if (g == 0 or n > MAX_N or n_ctx == 0 or not can_launch(attn) or feats.dtype not in _FEAT_DTYPES
-            or not attn.device == metric.device == feats.device):
+    if (
+        g == 0
+        or n > MAX_N
+        or n_ctx == 0
+        or not can_launch(attn)
+        or feats.dtype not in _FEAT_DTYPES
+        or not attn.device == metric.device == feats.device
+    ):
         return visionzip_merge_ref(attn, metric, feats, nv, ki, n_dom, n_ctx)
     dev = attn.device
     n_oth = nv - ki
@@ -185,22 +223,64 @@ def visionzip_merge_triton(attn: torch.Tensor, metric: torch.Tensor, feats: torc
     others = torch.empty((g, n_oth), dtype=torch.long, device=dev)
     attn = attn.float().contiguous()
     block = max(16, triton.next_power_of_2(n))
-    _split_kernel[(g,)](attn, idx, tnum, targets, others, nv, n_dom, n_ctx, n_oth, (nv - n_dom) // n_ctx, ki,
-                        attn.stride(0), BLOCK_N=block, num_warps=4 if block <= 1024 else 8)
+    _split_kernel[(g,)](
+        attn,
+        idx,
+        tnum,
+        targets,
+        others,
+        nv,
+        n_dom,
+        n_ctx,
+        n_oth,
+        (nv - n_dom) // n_ctx,
+        ki,
+        attn.stride(0),
+        BLOCK_N=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
     m = metric.shape[-1]
     group = torch.empty((g, n_oth), dtype=torch.long, device=dev)
     if n_oth > 0:
         block_c = min(64, max(16, triton.next_power_of_2(n_ctx)))
         block_o = 32
         _assign_kernel[(g, triton.cdiv(n_oth, block_o))](
-            metric, targets, others, group, n_ctx, n_oth, m, metric.stride(0), metric.stride(1), metric.stride(2),
-            EPS=NORM_EPS, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_M=32, INTERPRETED=interpreted(_assign_kernel),
-            num_warps=4)
+            metric,
+            targets,
+            others,
+            group,
+            n_ctx,
+            n_oth,
+            m,
+            metric.stride(0),
+            metric.stride(1),
+            metric.stride(2),
+            EPS=NORM_EPS,
+            BLOCK_O=block_o,
+            BLOCK_C=block_c,
+            BLOCK_M=32,
+            INTERPRETED=interpreted(_assign_kernel),
+            num_warps=4,
+        )
     d = feats.shape[-1]
     out = torch.empty((g, ki, d), dtype=feats.dtype, device=dev)
     if d > 0:
         block_d = min(512, max(16, triton.next_power_of_2(d)))
         _merge_kernel[(g * ki, triton.cdiv(d, block_d))](
-            feats, idx, tnum, others, group, out, ki, n_oth, d, feats.stride(0), feats.stride(1), feats.stride(2),
-            BLOCK_O=16, BLOCK_D=block_d, num_warps=4)
+            feats,
+            idx,
+            tnum,
+            others,
+            group,
+            out,
+            ki,
+            n_oth,
+            d,
+            feats.stride(0),
+            feats.stride(1),
+            feats.stride(2),
+            BLOCK_O=16,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return idx, out

@@ -37,7 +37,9 @@ def row_bands(h: int, w: int, k: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def pool_plan(h: int, w: int, k: int, anchor: str = "centre") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pool_plan(
+    h: int, w: int, k: int, anchor: str = "centre"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(anchors [k] ascending raster indices, table [k, smax] each cell's raster indices ascending
     and -1 padded, sizes [k]) on the host, for 1 <= k <= h*w. Cached: callers must not write them."""
     if anchor not in ANCHORS:
@@ -51,26 +53,39 @@ def pool_plan(h: int, w: int, k: int, anchor: str = "centre") -> tuple[torch.Ten
         c_r = (r + 1) * k // gh - r * k // gh
         for c in range(c_r):
             c0, c1 = c * w // c_r, (c + 1) * w // c_r
-            row, col = ((r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2) if anchor == "centre" else (r0, c0)
+            row, col = (
+                ((r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2)
+                if anchor == "centre"
+                else (r0, c0)
+            )
             anchors.append(row * w + col)
             cells.append([i * w + j for i in range(r0, r1) for j in range(c0, c1)])
     smax = max(len(c) for c in cells)
     table = torch.tensor([c + [-1] * (smax - len(c)) for c in cells], dtype=torch.long)
-    return torch.tensor(anchors, dtype=torch.long), table, torch.tensor([len(c) for c in cells], dtype=torch.long)
+    return (
+        torch.tensor(anchors, dtype=torch.long),
+        table,
+        torch.tensor([len(c) for c in cells], dtype=torch.long),
+    )
 
 
-def pool_tokens_ref(feats: torch.Tensor, table: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+def pool_tokens_ref(
+    feats: torch.Tensor, table: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
     """[G, k, D] in feats' dtype: for each cell (a row of `table`, -1 padded), the float32 mean of
     feats[g, cell] over its `sizes` tokens. feats [G, N, D]; table and sizes on feats' device."""
     g, _, d = feats.shape
     k, smax = table.shape
-    picked = torch.gather(feats, 1, table.clamp(min=0).reshape(1, -1, 1).expand(g, -1, d)).float()
+    picked = torch.gather(
+        feats, 1, table.clamp(min=0).reshape(1, -1, 1).expand(g, -1, d)
+    ).float()
     picked = picked.view(g, k, smax, d).masked_fill((table < 0)[None, :, :, None], 0.0)
     return (picked.sum(2) / sizes.to(picked.dtype)[None, :, None]).to(feats.dtype)
 
 
-def pool_select(feats: torch.Tensor, grid: tuple[int, int], k: int, anchor: str = "centre"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_select(
+    feats: torch.Tensor, grid: tuple[int, int], k: int, anchor: str = "centre"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([G, k] anchors ascending, [G, k, D] pooled features) for G images sharing an h x w grid that
     covers feats' N = h*w tokens; k >= N keeps the first k (all) tokens unchanged, k = 0 keeps none."""
     g, n, d = feats.shape
@@ -81,7 +96,9 @@ def pool_select(feats: torch.Tensor, grid: tuple[int, int], k: int, anchor: str 
     if k >= n:
         return torch.arange(n, device=device).expand(g, n), feats
     if k <= 0:
-        return torch.empty(g, 0, dtype=torch.long, device=device), feats.new_zeros(g, 0, d)
+        return torch.empty(g, 0, dtype=torch.long, device=device), feats.new_zeros(
+            g, 0, d
+        )
     anchors, table, sizes = pool_plan(h, w, k, anchor)
     out = pool_tokens_ref(feats, to_device(table, device), to_device(sizes, device))
     return to_device(anchors, device).expand(g, k), out

@@ -13,11 +13,15 @@ import torch
 
 def _check(q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
     if q.ndim != 3 or k.shape != q.shape or q.shape[-1] % heads:
-        raise ValueError(f"q and k must both be [I, T, H*d] with H={heads} dividing the last dim, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must both be [I, T, H*d] with H={heads} dividing the last dim, got "
+            f"{tuple(q.shape)} and {tuple(k.shape)}"
+        )
 
 
-def received_attention_ref(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, chunk: int = 1024) -> torch.Tensor:
+def received_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, chunk: int = 1024
+) -> torch.Tensor:
     """[I, T] float32: the mean over heads and queries of softmax(q k^T * scale) per key token;
     q, k [I, T, H*d] (heads concatenated)."""
     _check(q, k, heads)

@@ -54,7 +54,9 @@ def order_keys(x, live, BLOCK_N: tl.constexpr):
     zero = tl.full([BLOCK_N], 0, tl.uint32)
     absmask = tl.full([BLOCK_N], 0x7FFFFFFF, tl.uint32)
     expmask = tl.full([BLOCK_N], 0x7F800000, tl.uint32)
-    ones = tl.full([BLOCK_N], 0xFFFFFFFF, tl.uint32)  # u ^ ones, not ~u: Triton 3.8's interpreter fails on ~uint32
+    ones = tl.full(
+        [BLOCK_N], 0xFFFFFFFF, tl.uint32
+    )  # u ^ ones, not ~u: Triton 3.8's interpreter fails on ~uint32
     u = tl.where((u & absmask) > expmask, nan_as, u)  # NaN -> -inf
     u = tl.where(u == sign, zero, u)  # -0.0 -> +0.0
     # order-preserving map: negatives flip all bits, non-negatives set the sign bit
@@ -71,7 +73,9 @@ def kth_key(key, kb, BITS: tl.constexpr, DIGITS: tl.constexpr):
     thr = tl.full([1], 0, tl.uint32)
     for p in tl.static_range(32 // BITS):
         shift = 32 - BITS * (p + 1)
-        cand = thr | (digit << shift)  # ascending; cand[0] = thr itself always has >= kb keys
+        cand = thr | (
+            digit << shift
+        )  # ascending; cand[0] = thr itself always has >= kb keys
         cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
         best = tl.sum((cnt >= kb).to(tl.int32), axis=0) - 1
         thr = thr | (best.to(tl.uint32) << shift)
@@ -104,7 +108,9 @@ def dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     `tl.dot` is numpy's matmul, which multiplies bfloat16 as raw bits and may round two equal
     columns differently, while the kernels' ties must stay exact."""
     if INTERPRETED:
-        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        out = acc + tl.sum(
+            a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1
+        )
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
@@ -117,7 +123,9 @@ def store_ascending(out, keep, kb, kmax, BLOCK_N: tl.constexpr):
     offs = tl.arange(0, BLOCK_N)
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(out + pos, offs.to(tl.int64), mask=keep)
-    tl.store(out + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax))
+    tl.store(
+        out + offs, tl.full([BLOCK_N], -1, tl.int64), mask=(offs >= kb) & (offs < kmax)
+    )
 
 
 @triton.jit
@@ -139,7 +147,9 @@ def _select_kernel(
     vb, kb = row_budget(k_ptr, valid_ptr, row, n, HAS_VALID)
     live = offs < vb
 
-    x = tl.load(scores_ptr + row * stride_sb + offs * stride_sn, mask=live, other=0.0).to(tl.float32)
+    x = tl.load(
+        scores_ptr + row * stride_sb + offs * stride_sn, mask=live, other=0.0
+    ).to(tl.float32)
     take = top_mask(order_keys(x, live, BLOCK_N), live, kb, BLOCK_N)
     store_ascending(idx_ptr + row * stride_i, take, kb, kmax, BLOCK_N)
 
@@ -168,7 +178,9 @@ def _gather_kernel(
     # vector-shaped mask: the interpreter mis-types (bool tensor & bool scalar)
     keep = (tl.full([BLOCK_D], 0, tl.int64) + src) >= 0
     src = tl.maximum(src, 0)
-    vals = tl.load(feats_ptr + b * s_fb + src * s_fn + offs_d * s_fd, mask=in_d & keep, other=0)
+    vals = tl.load(
+        feats_ptr + b * s_fb + src * s_fn + offs_d * s_fd, mask=in_d & keep, other=0
+    )
     tl.store(out_ptr + b * s_ob + j * s_ok + offs_d, vals, mask=in_d)
 
 
@@ -182,7 +194,9 @@ def _select_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _host_lists(k: torch.Tensor, valid: torch.Tensor | None) -> tuple[list[int], list[int] | None]:
+def _host_lists(
+    k: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[list[int], list[int] | None]:
     """k and valid as Python lists with one device-to-host transfer."""
     if valid is not None and valid.device == k.device and k.device.type != "cpu":
         both = torch.stack([k.to(torch.long), valid.to(torch.long)]).tolist()
@@ -202,8 +216,11 @@ def select_tokens_triton(
     when feats is None), kmax = max(k clipped to valid). Ties go to the lower index, NaN counts
     as -inf (lowest), positions >= valid[b] are never chosen. One device-to-host transfer (k and
     valid, for kmax and the k >= 0 check), then two kernel launches."""
-    if scores.ndim != 2 or k.shape != scores.shape[:1] or (valid is not None and valid.shape != k.shape) or (
-        feats is not None and feats.shape[:2] != scores.shape
+    if (
+        scores.ndim != 2
+        or k.shape != scores.shape[:1]
+        or (valid is not None and valid.shape != k.shape)
+        or (feats is not None and feats.shape[:2] != scores.shape)
     ):
         _check(scores, feats, k, valid)  # raises the reference's error
     b, n = scores.shape
@@ -212,7 +229,10 @@ def select_tokens_triton(
         or n == 0
         or n > MAX_N
         or not can_launch(scores)
-        or (feats is not None and (feats.dtype not in _FEAT_DTYPES or feats.device != scores.device))
+        or (
+            feats is not None
+            and (feats.dtype not in _FEAT_DTYPES or feats.device != scores.device)
+        )
     ):
         return select_tokens_ref(scores, feats, k, valid)
     k_host, valid_host = _host_lists(k, valid)
