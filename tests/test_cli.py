@@ -246,23 +246,30 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, needle):
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
 
 
-def save_hf_llava(path) -> None:
-    """The tiny model saved with a real LlavaProcessor (word-level tokenizer, CLIP image processor),
-    so `--model PATH` goes through AutoProcessor + AutoModelForImageTextToText."""
+def word_tokenizer():
+    """A word-level fast tokenizer: <pad> <s> </s> <unk>, w0..w89, and <image> at the tiny models' 99."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-
-    from vlmprune.eval.sweep import TINY
-    from vlmprune.eval.tiny import tiny_llava
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *(f"w{i}" for i in range(90))])}
     tok = Tokenizer(models.WordLevel(vocab={**vocab, "<image>": 99}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def save_hf_llava(path) -> None:
+    """The tiny model saved with a real LlavaProcessor (word-level tokenizer, CLIP image processor),
+    so `--model PATH` goes through AutoProcessor + AutoModelForImageTextToText."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from vlmprune.eval.sweep import TINY
+    from vlmprune.eval.tiny import tiny_llava
+
     images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=14, vision_feature_select_strategy="default",
-                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    LlavaProcessor(image_processor=images, tokenizer=word_tokenizer(), patch_size=14,
+                   vision_feature_select_strategy="default", image_token="<image>",
+                   num_additional_image_tokens=1).save_pretrained(path)
     tiny_llava(**TINY).save_pretrained(path)
 
 
