@@ -6,10 +6,13 @@ with its own CLS row (eager reference)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vlmprune
+from tests.test_cli import invoke
 from tests.test_qwen import placed
 from vlmprune.adapters.llava_next import LlavaNextAdapter
 from vlmprune.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -21,6 +24,7 @@ from vlmprune.eval.tiny import (
     tiny_llava,
     tiny_llava_next,
 )
+from vlmprune.eval.visualise import GAP, views_overlay
 from vlmprune.scorers import scorer_class
 from vlmprune.scorers.simple import strided_grid
 from vlmprune.tables import support_text
@@ -414,3 +418,126 @@ def test_fastv_text_query_skips_the_trailing_newline():
     with torch.no_grad():
         eager(**inputs)
     assert torch.equal(vlmprune.last_selection(eager)[0][0], want)
+
+
+# --- `vlmprune show` on any-resolution images -------------------------------------------------
+def save_tiny_llava_next(path):
+    """The tiny LLaVA-NeXT saved with a real LlavaNextProcessor (word-level tokenizer, its own
+    any-resolution image processor on the model's pinpoints), for `--model PATH`."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from tests.test_cli import word_tokenizer
+
+    model = tiny_llava_next("llava_next", seed=18)
+    side, vc = model.config.vision_config.image_size, model.config.vision_config
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=word_tokenizer(),
+        patch_size=vc.patch_size,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    ).save_pretrained(path)
+    model.save_pretrained(path)
+
+
+BLOCK = (
+    slice(8, 21),
+    slice(36, 53),
+)  # rows, columns of the bright block in a 40 x 60 px image
+
+
+def block_picture() -> Image.Image:
+    """A dark 60 x 40 px image (crops 2x2, unpadded to 6x8 tokens) with one bright block off centre."""
+    arr = np.full((40, 60, 3), 20, dtype=np.uint8)
+    arr[BLOCK] = (250, 240, 30)
+    return Image.fromarray(arr)
+
+
+def touched_tokens(vlm, image: Image.Image) -> torch.Tensor:
+    """The visual tokens whose view patch the block changes (the processor's pixels of the image vs
+    the dark image, per patch, packed by HF's own pack_image_features): an oracle independent of
+    the mapping under test."""
+    dark = Image.new("RGB", image.size, (20, 20, 20))
+    pv = [vlm.inputs([im], ["w1"])["pixel_values"][0] for im in (image, dark)]
+    p = vlm.model.config.vision_config.patch_size
+    diff = (pv[0] - pv[1]).abs().amax(1)  # [views, S, S]
+    views = diff.unflatten(1, (-1, p)).unflatten(3, (-1, p)).amax((2, 4))
+    packed = vlm.model.model.pack_image_features(
+        [views.flatten(1)[..., None]],
+        vlm.inputs([image], ["w1"])["image_sizes"],
+        vision_feature_select_strategy="default",
+    )[0][0]
+    return torch.nonzero(packed[:, 0] > 1e-3).flatten()
+
+
+def panel_marks(picture: np.ndarray, image: np.ndarray, panel: int) -> np.ndarray:
+    """[H, W] bool: where panel `panel` of a `views_overlay` picture shows the image's own pixels
+    (kept), at the image's size (the picture is upscaled by display_scale, panels GAP px apart)."""
+    h, w = image.shape[:2]
+    scale = picture.shape[0] // h
+    left = panel * (w * scale + GAP)
+    shown = picture[:, left : left + w * scale][::scale, ::scale]
+    return (shown == image).all(-1)
+
+
+def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path):
+    """Keep exactly the tokens whose patches the bright block touches: both panels show the block
+    and dim everything farther than one token cell (+ resampling) from it; keep the others: the
+    reverse. Then `vlmprune show --model PATH` end to end."""
+    from vlmprune.eval.sweep import load_vlm
+
+    save_tiny_llava_next(tmp_path / "model")
+    vlm = load_vlm(str(tmp_path / "model"), "cpu")
+    image = block_picture()
+    arr = np.asarray(image)
+    inputs = vlm.inputs([image], ["w1"])
+    assert inputs["pixel_values"].shape[1] == 5 and inputs["image_sizes"].tolist() == [
+        [40, 60]
+    ]
+    vlmprune.patch(vlm.model, "cls", keep=4)
+    layout = vlm.model._vlmprune_adapter.token_layout(inputs)[0]
+    vlmprune.unpatch(vlm.model)
+    touched = touched_tokens(vlm, image)
+    n = len(layout)
+    assert n == 16 + 6 * 8 and 0 < len(touched) < n // 2
+    block = np.zeros((40, 60), dtype=bool)
+    block[BLOCK] = True
+    ys, xs = np.mgrid[:40, :60]
+    for cell_h, cell_w, panel in ((10, 15, 0), (40 / 38 * 7, 60 / 56 * 7, 1)):
+        picture, _ = views_overlay(image, touched, layout, vlm.model.config)
+        shown = panel_marks(np.asarray(picture), arr, panel)
+        near = (
+            (ys >= BLOCK[0].start - cell_h - 3)
+            & (ys < BLOCK[0].stop + cell_h + 3)
+            & (xs >= BLOCK[1].start - cell_w - 3)
+            & (xs < BLOCK[1].stop + cell_w + 3)
+        )
+        assert shown[block].all() and not shown[~near].any(), panel
+        others = torch.tensor([i for i in range(n) if i not in set(touched.tolist())])
+        picture, _ = views_overlay(image, others, layout, vlm.model.config)
+        shown = panel_marks(np.asarray(picture), arr, panel)
+        assert not shown[block].any() and shown[~near].all(), panel
+    image.save(tmp_path / "in.png")
+    res = invoke(
+        "show", tmp_path / "in.png", "--model", tmp_path / "model", "--method", "cls",
+        "--keep", 20, "--device", "cpu", "-o", tmp_path / "out.png",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "kept 20 of 64 visual tokens (base view 4x4: " in said
+    assert "crops 6x8 after unpadding" in said and "drawn on the 60x40 px image" in said
+    with vlmprune.pruning(vlm.model, "cls", keep=20), torch.no_grad():
+        vlm.model(**inputs)
+        kept = vlmprune.last_selection(vlm.model)[0][0]
+    want, _ = views_overlay(image, kept, layout, vlm.model.config)
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "out.png")), np.asarray(want)
+    )

@@ -184,6 +184,35 @@ class LlavaNextAdapter(LlavaAdapter):
             items.append(Item(v, newline, (h, w) if n == h * w else (1, n)))
         return items
 
+    def token_layout(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Per image, [N, 3] for its visual tokens (`last_selection`'s numbering): (0, row, column) of
+        the base-view patch centre, or (1, row, column) of the centre on the crop canvas (the crops
+        side by side, before unpadding), in patches, packed by HF as the tokens are (unpadding,
+        OneVision's bilinear downscale: the point the cell samples); for `vlmprune show`."""
+        hf = sys.modules[type(self.model.model).__module__]
+        h, w = self.patches()
+        side = self.model.config.vision_config.image_size
+        host = {**inputs, "image_sizes": inputs["image_sizes"].cpu()}
+        rows = torch.arange(h).repeat_interleave(w) + 0.5
+        cols = torch.arange(w).repeat(h) + 0.5
+        views = []
+        for size, v in zip(host["image_sizes"].tolist(), self.view_counts(host)):
+            across = hf.get_anyres_image_grid_shape(
+                size, self.model.config.image_grid_pinpoints, side
+            )[1]
+            crop = torch.arange(v)[:, None] - 1  # -1: the base view
+            views.append(
+                torch.stack(
+                    [
+                        (crop >= 0).float().expand(-1, h * w),
+                        rows + h * (crop.clamp(min=0) // across),
+                        cols + w * (crop.clamp(min=0) % across),
+                    ],
+                    -1,
+                )
+            )
+        return self.pack(views, host, None)
+
     # --- signals ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def collecting(self, inputs: dict[str, Any]):
