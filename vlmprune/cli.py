@@ -190,7 +190,8 @@ def show(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ) -> None:
-    """Overlay the kept patches on the image as the encoder sees it (pruned ones dimmed)."""
+    """Overlay the kept patches on the image as the encoder sees it (pruned ones dimmed); any-resolution
+    images (LLaVA-NeXT, OneVision): on the original image, the base view's and the crops' side by side."""
     from vlmprune.config import make_config
     from vlmprune.eval.sweep import load_image, load_vlm
     from vlmprune.eval.visualise import kept_overlay
@@ -204,13 +205,10 @@ def show(
     except OSError as e:
         raise ValueError(f"cannot decode image {str(image)!r}: {e}") from None
     vlm = load_vlm(model, device, dtype)
-    picture_out, kept = kept_overlay(vlm, picture, method, prompt, **amount)
+    shown = kept_overlay(vlm, picture, method, prompt, **amount)
     output.parent.mkdir(parents=True, exist_ok=True)
-    picture_out.save(output)
-    inputs = vlm.inputs([picture], [prompt])
-    (rows, cols), (n,) = vlm.token_grid(inputs), vlm.visual_counts(inputs)[0]
-    console.print(f"{method}: kept {len(kept)} of {n} visual tokens ({rows}x{cols} grid of "
-                  f"{picture_out.width // cols}x{picture_out.height // rows} px blocks as drawn); wrote {output}")
+    shown.picture.save(output)
+    console.print(f"{method}: {shown.caption}; wrote {output}")
 
 
 @app.command()
