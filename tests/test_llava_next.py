@@ -533,7 +533,10 @@ def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path):
     assert res.exit_code == 0, res.output
     said = " ".join(res.output.split())
     assert "kept 20 of 64 visual tokens (base view 4x4: " in said
-    assert "crops 6x8 after unpadding" in said and "drawn on the 60x40 px image" in said
+    assert (
+        "crops 6x8 as packed (unpadded; OneVision: downscaled)" in said
+        and "drawn on the 60x40 px image" in said
+    )
     with vlmprune.pruning(vlm.model, "cls", keep=20), torch.no_grad():
         vlm.model(**inputs)
         kept = vlmprune.last_selection(vlm.model)[0][0]
@@ -541,3 +544,27 @@ def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path):
     assert np.array_equal(
         np.asarray(Image.open(tmp_path / "out.png")), np.asarray(want)
     )
+
+
+def test_lmms_eval_model_args_take_view_scores(tmp_path):
+    """`view_scores=raw` in --model_args reaches the patched model; a bad value fails before loading."""
+    plugin = pytest.importorskip("vlmprune.eval.lmms_plugin")
+    assert (
+        plugin.parse_model_args("method=cls,keep=8,view_scores=raw")["view_scores"]
+        == "raw"
+    )
+    with pytest.raises(ValueError, match=r"view_scores must be one of .*got 'mean'"):
+        plugin.VLMPrune(
+            pretrained="not-loaded", method="cls", keep=8, view_scores="mean"
+        )
+    with pytest.raises(ValueError, match="need a method"):
+        plugin.VLMPrune(pretrained="not-loaded", view_scores="raw")
+    save_tiny_llava_next(tmp_path / "model")
+    lm = plugin.VLMPrune(
+        pretrained=str(tmp_path / "model"),
+        method="cls",
+        keep=8,
+        view_scores="raw",
+        device="cpu",
+    )
+    assert lm.model._vlmprune_adapter.view_scores == "raw"

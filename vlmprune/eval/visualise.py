@@ -151,9 +151,7 @@ def views_overlay(
             )
         )
         rows, cols = grid_shape(crops)
-        caption += (
-            f"; crops {rows}x{cols} after unpadding: {int(chosen[~base].sum())} kept"
-        )
+        caption += f"; crops {rows}x{cols} as packed (unpadded; OneVision: downscaled): {int(chosen[~base].sum())} kept"
     scale = display_scale(image.size)
     panels = [overlay(image, m, dim, scale) for m in masks]
     picture = Image.new(
