@@ -133,7 +133,7 @@ def sweep(
                                                   "the model's: 576,192,128,64 for LLaVA-1.5, 144,48,32,16 for "
                                                   "shapes-qwen2-vl]"),
     prune_ratio: Optional[str] = typer.Option(None, help="comma-separated fractions removed, instead of --keep"),
-    data: Optional[str] = typer.Option(None, help="JSONL of {image, question, answer?}, or 'shapes[:DIR]'; default: "
+    data: Optional[str] = typer.Option(None, help="JSONL of {image, question, answer?}, or 'shapes[:DIR]', or 'shapes-two-turn[:DIR]' (two images, two questions, one conversation; scored on turn 2); default: "
                                                   "'shapes' for an embedded model, else random images (fidelity)"),
     limit: Optional[int] = typer.Option(None, help="items to evaluate (shapes: 100 test items; random images: 8)"),
     batch_size: int = typer.Option(4, help="items per batch"),
