@@ -23,7 +23,7 @@ CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5
 
 
 def family_items(family: str) -> list[tuple[str, tuple[int, int, int]]]:
-    """Two images of different sizes and (not on Qwen3-VL) a two-frame video, in one row."""
+    """Two images of different sizes and (not on Qwen3-VL: tests/test_qwen3_video.py) a two-frame video, in one row."""
     items = [("image", (1, 8, 12)), ("image", (1, 4, 8))]
     return items + ([] if family == "qwen3_vl" else [("video", (2, 8, 8))])
 
@@ -284,17 +284,11 @@ def test_prune_ratio_counts_each_item_and_keep_zero_removes_all(family):
     assert out.shape[1] == inputs["input_ids"].shape[1] - sum(sizes)
 
 
-def test_compact_positions_and_qwen3_videos_are_clear_errors():
+def test_compact_positions_is_a_clear_error():
     model = tiny_qwen("qwen2_vl")
     with pytest.raises(ValueError, match=r"positions='compact'.*\['original'\]"):
         vlmprune.patch(model, "cls", keep=4, positions="compact")
     assert not vlmprune.is_patched(model)
-    q3 = tiny_qwen("qwen3_vl")
-    vlmprune.patch(q3, "cls", keep=4)
-    inputs = qwen_inputs([[("image", (1, 4, 4))]], seed=1)
-    inputs.update(pixel_values_videos=torch.randn(32, 3 * 2 * 16), video_grid_thw=torch.tensor([[2, 4, 4]]))
-    with pytest.raises(ValueError, match="Qwen3-VL videos"):
-        q3(**inputs)
 
 
 def test_supported_models_lists_the_qwen_families():

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -40,6 +41,7 @@ from vlmprune.kernels.received import received_attention
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
 from vlmprune.kernels.graph import attention_graph_ref
+from vlmprune.kernels.select_ref import to_device
 from vlmprune.scorers.base import EncoderInfo, Request
 
 KINDS = ("image", "video")
@@ -100,6 +102,7 @@ class QwenVLAdapter(Adapter):
 
     # --- signals ------------------------------------------------------------------------------
     _taps: QwenTaps | None = None
+    _lines: np.ndarray | None = None  # per place of the items' runs (prompt order): structure (see `frame_runs`)
 
     @contextlib.contextmanager
     def collecting(self, inputs: dict[str, Any]):
@@ -145,17 +148,18 @@ class QwenVLAdapter(Adapter):
                 if None in grids[kind]:
                     raise ValueError(f"vlmprune: {kind} features given without {kind}_grid_thw (one (t, h, w) row "
                                      f"per {kind}); pass it, or pass the pixels")
-        if "video" in feats and self.model.config.model_type == "qwen3_vl":
-            raise ValueError("vlmprune: Qwen3-VL videos (one placeholder run per frame, between timestamps) are not "
-                             "supported yet; Qwen3-VL images, and Qwen2-VL / Qwen2.5-VL videos, are")
         order = prompt_order(prompt, self.visual_token_ids(), {k: [int(f.shape[0]) for f in v] for k, v in feats.items()})
-        return Encoded(
+        enc = QwenEncoded(
             feats=[feats[kind][j] for kind, j in order],
             grids=[grids[kind][j] for kind, j in order],
             outputs=outputs,
             kinds=[kind for kind, _ in order],
             index=[j for _, j in order],
         )
+        self._lines = None
+        if "video" in feats and self.model.config.model_type == "qwen3_vl":
+            self._lines = frame_runs(prompt, enc)
+        return enc
 
     def full_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
         """[3, B, L] M-RoPE ids of the unpruned prompt: the caller's (generate passes [4, B, L], text
@@ -179,11 +183,15 @@ class QwenVLAdapter(Adapter):
                       kept: list[int], enc: Encoded) -> tuple[dict[str, Any], DecodeState]:
         ids_in = inputs["input_ids"]
         device = ids_in.device
-        index = kept_rows(idx.unsqueeze(-1), kept).squeeze(-1)  # every kept token's index in its item
-        columns = place_columns(layout, index, device)
-        token = dict(zip(KINDS, self.visual_token_ids()))
-        ids = layout.ids.copy()
-        ids.reshape(-1)[layout.visual] = np.repeat([token[kind] for kind in enc.kinds], kept)
+        if enc.structure and any(enc.structure):  # Qwen3-VL videos: kept frame tokens and every timestamp
+            index = self.run_index(enc, idx, kept)
+        else:
+            index = kept_rows(idx.unsqueeze(-1), kept).squeeze(-1)
+        columns = place_columns(layout, index, device)  # index: each kept token's place in its item's run
+        ids = torch.from_numpy(layout.ids).to(device)
+        if layout.visual.size:  # a run's kept places hold the prompt's ids at their columns
+            at = torch.from_numpy(layout.visual).to(device)
+            ids.view(-1)[at] = ids_in.gather(1, columns).view(-1)[at]
         pos = self.full_positions(inputs).to(device)
         pos = pos.gather(2, columns[None].expand(pos.shape[0], -1, -1))
         mask = inputs.get("attention_mask")
@@ -191,7 +199,7 @@ class QwenVLAdapter(Adapter):
             mask = torch.from_numpy(layout.mask).to(device, mask.dtype if mask is not None else torch.long)
         call = {k: v for k, v in inputs.items() if k not in (
             *self.visual_input_names(), "image_grid_thw", "video_grid_thw", "mm_token_type_ids", "second_per_grid_ts")}
-        call.update(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask, position_ids=pos,
+        call.update(input_ids=ids, attention_mask=mask, position_ids=pos,
                     mm_encoder_outputs=self.kept_outputs(enc, idx, kept_rows(visual, kept), kept))
         labels = inputs.get("labels")
         if labels is not None:
@@ -203,6 +211,35 @@ class QwenVLAdapter(Adapter):
         state = DecodeState(layout.orig_len, layout.new_len, mask, torch.from_numpy(removed).to(device), "mrope",
                             rope_deltas=self.chunk_deltas(pos, mask))
         return call, state
+
+    def run_index(self, enc: QwenEncoded, idx: torch.Tensor, kept: list[int]) -> torch.Tensor:
+        """Each kept place's offset in its item's prompt run, flat, item by item, ascending: the kept
+        visual tokens' offsets merged with every structure token's. With decoder stages, remembers
+        which kept places are structure (one host read)."""
+        device, extra = idx.device, enc.structure
+        big = max(len(v) + len(s) for v, s in zip(enc.offsets, enc.lines)) + 1
+        to_run = np.full((len(kept), max(len(v) for v in enc.offsets)), big, dtype=np.int64)  # index -> offset
+        lines = np.full((len(kept), max(extra)), big, dtype=np.int64)
+        for i, (v, s) in enumerate(zip(enc.offsets, enc.lines)):
+            to_run[i, : len(v)], lines[i, : len(s)] = v, s
+        mapped = to_device(torch.from_numpy(to_run), device).gather(1, idx.clamp(min=0)).masked_fill(idx < 0, big)
+        places, order = torch.cat([mapped, to_device(torch.from_numpy(lines), device)], 1).sort(1)
+        run_kept = [k + e for k, e in zip(kept, extra)]
+        if self.decoder is not None:  # the decoder stages' places skip the structure: which ranks it holds
+            is_line = (order >= idx.shape[1]).cpu().numpy()
+            self._lines = np.concatenate([is_line[i, :c] for i, c in enumerate(run_kept)])
+        return kept_rows(places.unsqueeze(-1), run_kept).squeeze(-1)
+
+    def decoder_run(self, places, per_image, rows, mask, valid):
+        """As the base, over the visual tokens' places only, the structure's (Qwen3-VL's timestamps
+        between a video's frames) marked as such (never instruction text for `query="text"`)."""
+        lines = None
+        if self.decoder is not None and self._lines is not None:
+            places, lines = places[~self._lines], places[self._lines]
+        run = super().decoder_run(places, per_image, rows, mask, valid)
+        if run is not None:
+            run.structure = lines
+        return run
 
     def chunk_deltas(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Decode steps continue at the unpruned ids: [B, 1] the largest attended id + 1 - the attended
@@ -289,6 +326,40 @@ class QwenVLAdapter(Adapter):
                 base = (torch.arange(q, device=state.rope_deltas.device) + past)[None]
             out["position_ids"] = (base.to(state.rope_deltas.device) + state.rope_deltas).unsqueeze(0).expand(3, -1, -1)
         return out
+
+
+@dataclass
+class QwenEncoded(Encoded):
+    """`Encoded` with, per item, where its visual tokens lie in its prompt run (`offsets`) and where
+    its structure tokens do (`lines`): a Qwen3-VL video's run spans its frames and the text between."""
+
+    offsets: list[np.ndarray] = field(default_factory=list)
+    lines: list[np.ndarray] = field(default_factory=list)
+
+
+def frame_runs(prompt: Prompt, enc: QwenEncoded) -> np.ndarray:
+    """Qwen3-VL: a video is one placeholder run per frame, a timestamp's text between (and vision
+    start / end tokens). Each video's tokens from its first placeholder to its last become one run,
+    the text in it structure (never scored or counted, always kept), marked visual in `prompt`.
+    Returns, for every place of every item's run in prompt order, whether it is structure."""
+    flat, length = prompt.is_visual.numpy().reshape(-1), prompt.ids.shape[1]
+    places, at, marks = np.flatnonzero(flat), 0, []
+    enc.structure, enc.offsets, enc.lines = [], [], []
+    for f, kind in zip(enc.feats, enc.kinds):
+        mine = places[at : at + int(f.shape[0])]
+        at += mine.size
+        first, last = int(mine[0]), int(mine[-1])
+        line = np.zeros(mine.size, dtype=bool)  # an image, or a video over rows: as it is (plan_layout checks)
+        if kind == "video" and first // length == last // length:
+            line = np.ones(last - first + 1, dtype=bool)
+            line[mine - first] = False
+            flat[first : last + 1] = True
+        enc.offsets.append(np.flatnonzero(~line))
+        enc.lines.append(np.flatnonzero(line))
+        enc.structure.append(int(line.sum()))
+        marks.append(line)
+    prompt.row_counts = prompt.is_visual.sum(1).tolist()
+    return np.concatenate(marks)
 
 
 def prompt_order(prompt: Prompt, token_ids: tuple[int, ...], sizes: dict[str, list[int]]) -> list[tuple[str, int]]:

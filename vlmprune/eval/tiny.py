@@ -106,6 +106,9 @@ QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 95, 96, 97, 98
 """Placeholder ids of the tiny Qwen models: image pad, video pad, vision start, vision end."""
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 4, 2, 2
+QWEN3_FPS = 2.0  # the tiny Qwen3-VL videos' sampling rate (the processor's metadata fps)
+QWEN3_TIME = {**{str(d): 80 + d for d in range(10)}, ".": 90, "<": 91, " seconds>": 92}
+"""Text ids of a Qwen3-VL frame timestamp `<1.2 seconds>` in the tiny vocabulary: digits, dot, `<`, ` seconds>`."""
 
 
 def qwen_config(family: str = "qwen2_vl", *, attn: str = "sdpa", vision_layers: int = 4, vision_hidden: int = 32,
@@ -174,13 +177,30 @@ def tiny_qwen(family: str = "qwen2_vl", attn: str = "sdpa", seed: int = 0, **ove
     return model
 
 
+def qwen3_video_placeholder(t: int, h: int, w: int, fps: float = QWEN3_FPS) -> list[int]:
+    """A Qwen3-VL video's placeholder ids as `Qwen3VLProcessor.replace_video_token` writes them: per
+    frame (temporal patch) its mid time as text `<{s:.1f} seconds>`, then vision start, the frame's
+    h * w / 4 video pads, vision end (text spelt with `QWEN3_TIME`'s ids, one per character)."""
+    ids = []
+    for f in range(t):
+        first = f * QWEN_TEMPORAL  # the patch's input frames: first .. first + temporal - 1
+        seconds = (first + first + QWEN_TEMPORAL - 1) / 2 / fps
+        ids += [QWEN3_TIME[c] for c in f"<{seconds:.1f}"] + [QWEN3_TIME[" seconds>"]]
+        ids += [QWEN_START] + [QWEN_VIDEO] * (h * w // QWEN_MERGE**2) + [QWEN_END]
+    return ids
+
+
 def qwen_inputs(rows: list[list[tuple[str, tuple[int, int, int]]]], *, patch_size: int = QWEN_PATCH, seed: int = 0,
-                before: int = 3, after: int = 4, vocab: int = 90, pad_side: str = "left") -> dict[str, torch.Tensor]:
+                before: int = 3, after: int = 4, vocab: int = 90, pad_side: str = "left",
+                family: str = "qwen2_vl") -> dict[str, torch.Tensor]:
     """A padded batch for a Qwen-VL model: rows[b] lists the row's items as (kind, (t, h, w)) with
     kind "image" or "video" and (t, h, w) the patch grid (t frames after temporal merging; h, w
     multiples of the 2x2 merge), each item's placeholders between vision start/end tokens amid
-    random text. Gives input_ids, attention_mask, mm_token_type_ids, pixel_values(+_videos) and
-    the grids, as the processor would."""
+    random text (`family="qwen3_vl"`: a video's frames as `qwen3_video_placeholder` lays them out).
+    Gives input_ids, attention_mask, mm_token_type_ids, pixel_values(+_videos) and the grids, as
+    the processor would."""
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"family must be one of {QWEN_FAMILIES}, got {family!r}")
     g = torch.Generator().manual_seed(seed)
     width = 3 * QWEN_TEMPORAL * patch_size * patch_size
     seqs, types, pixels, grids = [], [], {"image": [], "video": []}, {"image": [], "video": []}
@@ -188,7 +208,11 @@ def qwen_inputs(rows: list[list[tuple[str, tuple[int, int, int]]]], *, patch_siz
         ids = torch.randint(3, vocab, (before,), generator=g).tolist()
         for kind, (t, h, w) in items:
             n = t * h * w // QWEN_MERGE**2
-            ids += [QWEN_START] + [QWEN_IMAGE if kind == "image" else QWEN_VIDEO] * n + [QWEN_END]
+            if kind == "video" and family == "qwen3_vl":
+                body = qwen3_video_placeholder(t, h, w)
+            else:
+                body = [QWEN_IMAGE if kind == "image" else QWEN_VIDEO] * n
+            ids += [QWEN_START] + body + [QWEN_END]
             pixels[kind].append(torch.randn(t * h * w, width, generator=g))
             grids[kind].append([t, h, w])
         ids += torch.randint(3, vocab, (after + b,), generator=g).tolist()
