@@ -23,7 +23,7 @@ CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5
 
 
 def family_items(family: str) -> list[tuple[str, tuple[int, int, int]]]:
-    """Two images of different sizes and (not on Qwen3-VL: tests/test_qwen3_video.py) a two-frame video, in one row."""
+    """Two images of different sizes and (not on Qwen3-VL: test_qwen3_video.py) a two-frame video, in one row."""
     items = [("image", (1, 8, 12)), ("image", (1, 4, 8))]
     return items + ([] if family == "qwen3_vl" else [("video", (2, 8, 8))])
 
@@ -87,20 +87,26 @@ def oracle_call(model, inputs, items, kept, feats, enc) -> dict:
     new_ids, position_ids = ids[cols][None], pos[:, :, cols]
     with torch.no_grad():
         if model.config.model_type == "qwen3_vl":
-            mm = {}
-            for kind in ("image", "video"):
-                order = [i for i, k in enumerate(enc.kinds) if k == kind]
-                if order:
-                    out = copy.copy(enc.outputs[kind])
-                    out.pooler_output = tuple(feats[i] for i in order)
-                    out.deepstack_features = [tuple(layer[enc.index[i]][kept[i]] for i in order)
-                                              for layer in enc.outputs[kind].deepstack_features]
-                    mm[kind] = out
-            return dict(input_ids=new_ids, position_ids=position_ids, mm_encoder_outputs=mm)
+            return dict(input_ids=new_ids, position_ids=position_ids, mm_encoder_outputs=qwen3_outputs(kept, feats, enc))
         embeds = model.get_input_embeddings()(new_ids)
         visual = (new_ids[0] == QWEN_IMAGE) | (new_ids[0] == QWEN_VIDEO)
         embeds[0, visual] = torch.cat(feats)
         return dict(inputs_embeds=embeds, position_ids=position_ids)
+
+
+def qwen3_outputs(kept, feats, enc) -> dict:
+    """Qwen3-VL's encoder outputs by kind holding only the kept tokens: their (or merged) features
+    and the deepstack features gathered at the kept indices, as HF's forward adds them."""
+    mm = {}
+    for kind in ("image", "video"):
+        order = [i for i, k in enumerate(enc.kinds) if k == kind]
+        if order:
+            out = copy.copy(enc.outputs[kind])
+            out.pooler_output = tuple(feats[i] for i in order)
+            out.deepstack_features = [tuple(layer[enc.index[i]][kept[i]] for i in order)
+                                      for layer in enc.outputs[kind].deepstack_features]
+            mm[kind] = out
+    return mm
 
 
 def oracle_logits(model, inputs, items, kept, feats, enc) -> torch.Tensor:

@@ -6,13 +6,11 @@ a batch with a video, an image and a text-only row == its rows alone."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import vlmprune
-from tests.test_qwen import pad_rows, placed
+from tests.test_qwen import pad_rows, placed, qwen3_outputs
 from vlmprune.eval.tiny import (
     QWEN3_FPS,
     QWEN3_TIME,
@@ -51,21 +49,10 @@ def oracle_call(model, inputs, kept, feats, enc) -> dict:
     ):
         take[places[k]] = True
     cols = take.nonzero()[:, 0]
-    mm = {}
-    for kind in ("image", "video"):
-        order = [i for i, k in enumerate(enc.kinds) if k == kind]
-        if order:
-            out = copy.copy(enc.outputs[kind])
-            out.pooler_output = tuple(feats[i] for i in order)
-            out.deepstack_features = [
-                tuple(layer[enc.index[i]][kept[i]] for i in order)
-                for layer in enc.outputs[kind].deepstack_features
-            ]
-            mm[kind] = out
     return {
         "input_ids": ids[cols][None],
         "position_ids": pos[:, :, cols],
-        "mm_encoder_outputs": mm,
+        "mm_encoder_outputs": qwen3_outputs(kept, feats, enc),
     }
 
 
@@ -159,25 +146,28 @@ def test_generate_continues_at_unpruned_ids():
     assert ref == new.tolist()
 
 
-@pytest.mark.parametrize("method", ["cls", "quota"])
-def test_left_padded_batch_generates_as_rows_alone(method):
-    """A video row (with an image), an image row and a text-only row, left padded."""
-    model = tiny_qwen("qwen3_vl", seed=8)
+def assert_batch_generates_as_rows_alone(
+    model, seed: int, kept: list[list[int]]
+) -> None:
+    """A video row (with an image), an image row and a text-only row, left padded: each item keeps
+    `kept`, and greedy generate() of the batch gives each row's tokens alone."""
     rows = [ITEMS, [("image", (1, 8, 8))], []]
-    singles = [inputs_of([row], 20 + i) for i, row in enumerate(rows)]
+    singles = [inputs_of([row], seed + i) for i, row in enumerate(rows)]
     batch = pad_rows(singles)
-    vlmprune.patch(model, method, prune_ratio=0.75)
     gen = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
     with torch.no_grad():
         out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1] :]
-        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == [
-            [2, 6],
-            [4],
-            [],
-        ]
+        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == kept
         for i, single in enumerate(singles):
             alone = model.generate(**single, **gen)[0, single["input_ids"].shape[1] :]
             assert torch.equal(out[i], alone), (i, out[i], alone)
+
+
+@pytest.mark.parametrize("method", ["cls", "quota"])
+def test_left_padded_batch_generates_as_rows_alone(method):
+    model = tiny_qwen("qwen3_vl", seed=8)
+    vlmprune.patch(model, method, prune_ratio=0.75)
+    assert_batch_generates_as_rows_alone(model, 20, [[2, 6], [4], []])
 
 
 @pytest.mark.parametrize(
@@ -191,18 +181,5 @@ def test_decoder_stage_batch_generates_as_rows_alone(stages):
     """A decoder stage (after the tiny model's deepstack layers 0, 1) sees the video's tokens, not
     its timestamps: kept 2 per item, batched == rows alone; alone and after a vision stage."""
     model = tiny_qwen("qwen3_vl", seed=18, text_layers=4)
-    rows = [ITEMS, [("image", (1, 8, 8))], []]
-    singles = [inputs_of([row], 30 + i) for i, row in enumerate(rows)]
-    batch = pad_rows(singles)
     vlmprune.patch(model, stages)
-    gen = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
-    with torch.no_grad():
-        out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1] :]
-        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == [
-            [2, 2],
-            [2],
-            [],
-        ]
-        for i, single in enumerate(singles):
-            alone = model.generate(**single, **gen)[0, single["input_ids"].shape[1] :]
-            assert torch.equal(out[i], alone), (i, out[i], alone)
+    assert_batch_generates_as_rows_alone(model, 30, [[2, 2], [2], []])

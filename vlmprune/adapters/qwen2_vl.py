@@ -26,21 +26,29 @@ import contextlib
 import copy
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from vlmprune.adapters.base import (
-    Adapter, DecodeState, Encoded, Prompt, find_cache, kept_rows, register_adapter, stack_padded,
+    Adapter,
+    DecodeState,
+    Encoded,
+    Prompt,
+    find_cache,
+    kept_rows,
+    register_adapter,
+    stack_padded,
 )
 from vlmprune.adapters.vit import Tap, Wrap, detached, pad_graphs
-from vlmprune.kernels.received import received_attention
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
 from vlmprune.kernels.graph import attention_graph_ref
+from vlmprune.kernels.received import received_attention
 from vlmprune.kernels.select_ref import to_device
 from vlmprune.scorers.base import EncoderInfo, Request
 
@@ -53,18 +61,33 @@ class QwenVLAdapter(Adapter):
     """Vision-stage pruning for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images and videos)."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                     "Qwen3VLForConditionalGeneration")
+    model_classes = (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+    )
     default_positions = "original"
     position_modes = ("original",)
     encoder_methods = ("get_image_features", "get_video_features")
-    reference = {
-        "qwen2_vl": (EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None), PROVIDES),
-        "qwen2_5_vl": (EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None), PROVIDES),
-        "qwen3_vl": (EncoderInfo(num_layers=27, feature_layer=26, has_cls=False, grid=None), PROVIDES),
+    reference: ClassVar[dict[str, tuple[EncoderInfo, frozenset[str]]]] = {
+        "qwen2_vl": (
+            EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None),
+            PROVIDES,
+        ),
+        "qwen2_5_vl": (
+            EncoderInfo(num_layers=32, feature_layer=31, has_cls=False, grid=None),
+            PROVIDES,
+        ),
+        "qwen3_vl": (
+            EncoderInfo(num_layers=27, feature_layer=26, has_cls=False, grid=None),
+            PROVIDES,
+        ),
     }
-    fallbacks = {"received_attn": "received attention (no CLS)", "keys": "2x2-pooled keys",
-                 "attn_graph": "2x2-pooled attention graph"}
+    fallbacks: ClassVar[dict[str, str]] = {
+        "received_attn": "received attention (no CLS)",
+        "keys": "2x2-pooled keys",
+        "attn_graph": "2x2-pooled attention graph",
+    }
 
     @property
     def visual(self) -> nn.Module:
@@ -76,9 +99,13 @@ class QwenVLAdapter(Adapter):
 
     def encoder_info(self) -> EncoderInfo:
         depth = len(self.visual.blocks)
-        full = getattr(self.visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: the others attend windows
+        full = getattr(
+            self.visual, "fullatt_block_indexes", None
+        )  # Qwen2.5-VL: the others attend windows
         feature = full[-1] if full else depth - 1
-        return EncoderInfo(num_layers=depth, feature_layer=feature, has_cls=False, grid=None)
+        return EncoderInfo(
+            num_layers=depth, feature_layer=feature, has_cls=False, grid=None
+        )
 
     def provides(self) -> set[str]:
         return set(PROVIDES)
@@ -94,15 +121,18 @@ class QwenVLAdapter(Adapter):
 
     def has_visual_input(self, inputs: dict[str, Any]) -> bool:
         mm = inputs.get("mm_encoder_outputs") or {}
-        return any(inputs.get(n) is not None for n in ("pixel_values", "pixel_values_videos")) \
-            or any(mm.get(kind) is not None for kind in KINDS)
+        return any(
+            inputs.get(n) is not None for n in ("pixel_values", "pixel_values_videos")
+        ) or any(mm.get(kind) is not None for kind in KINDS)
 
     def visual_input_names(self) -> tuple[str, ...]:
         return ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
     # --- signals ------------------------------------------------------------------------------
     _taps: QwenTaps | None = None
-    _lines: np.ndarray | None = None  # per place of the items' runs (prompt order): structure (see `frame_runs`)
+    _lines: np.ndarray | None = (
+        None  # per place of the items' runs (prompt order): structure (see `frame_runs`)
+    )
 
     @contextlib.contextmanager
     def collecting(self, inputs: dict[str, Any]):
@@ -131,10 +161,16 @@ class QwenVLAdapter(Adapter):
         owner, mm = self.encoder_owner(), dict(inputs.get("mm_encoder_outputs") or {})
         outputs, feats, grids = {}, {}, {}
         for kind in KINDS:
-            pixels = inputs.get("pixel_values" if kind == "image" else "pixel_values_videos")
+            pixels = inputs.get(
+                "pixel_values" if kind == "image" else "pixel_values_videos"
+            )
             thw = inputs.get(f"{kind}_grid_thw")
             if pixels is not None:
-                method = owner.get_image_features if kind == "image" else owner.get_video_features
+                method = (
+                    owner.get_image_features
+                    if kind == "image"
+                    else owner.get_video_features
+                )
                 outputs[kind] = method(pixels, thw, return_dict=True)
             elif mm.get(kind) is not None:
                 outputs[kind] = mm[kind]
@@ -146,9 +182,15 @@ class QwenVLAdapter(Adapter):
             else:  # generate() encodes before the prefill and drops the grids: the encoder call recorded them
                 grids[kind] = [self.recorded_grid(f) for f in feats[kind]]
                 if None in grids[kind]:
-                    raise ValueError(f"vlmprune: {kind} features given without {kind}_grid_thw (one (t, h, w) row "
-                                     f"per {kind}); pass it, or pass the pixels")
-        order = prompt_order(prompt, self.visual_token_ids(), {k: [int(f.shape[0]) for f in v] for k, v in feats.items()})
+                    raise ValueError(
+                        f"vlmprune: {kind} features given without {kind}_grid_thw (one (t, h, w) row "
+                        f"per {kind}); pass it, or pass the pixels"
+                    )
+        order = prompt_order(
+            prompt,
+            self.visual_token_ids(),
+            {k: [int(f.shape[0]) for f in v] for k, v in feats.items()},
+        )
         enc = QwenEncoded(
             feats=[feats[kind][j] for kind, j in order],
             grids=[grids[kind][j] for kind, j in order],
@@ -172,35 +214,72 @@ class QwenVLAdapter(Adapter):
         if types is None:  # the processor gives it; the token ids say the same
             image, video = self.visual_token_ids()
             types = (ids == image).int() + 2 * (ids == video).int()
-        extra = {k: inputs[k] for k in ("second_per_grid_ts",) if inputs.get(k) is not None}
+        extra = {
+            k: inputs[k] for k in ("second_per_grid_ts",) if inputs.get(k) is not None
+        }
         pos, _ = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
-            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs.get("attention_mask"), **extra,
+            ids,
+            mm_token_type_ids=types,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            attention_mask=inputs.get("attention_mask"),
+            **extra,
         )
         return pos
 
-    def pruned_inputs(self, inputs: dict[str, Any], layout: Layout, idx: torch.Tensor, visual: torch.Tensor,
-                      kept: list[int], enc: Encoded) -> tuple[dict[str, Any], DecodeState]:
+    def pruned_inputs(
+        self,
+        inputs: dict[str, Any],
+        layout: Layout,
+        idx: torch.Tensor,
+        visual: torch.Tensor,
+        kept: list[int],
+        enc: Encoded,
+    ) -> tuple[dict[str, Any], DecodeState]:
         ids_in = inputs["input_ids"]
         device = ids_in.device
-        if enc.structure and any(enc.structure):  # Qwen3-VL videos: kept frame tokens and every timestamp
+        if enc.structure and any(
+            enc.structure
+        ):  # Qwen3-VL videos: kept frame tokens and every timestamp
             index = self.run_index(enc, idx, kept)
         else:
             index = kept_rows(idx.unsqueeze(-1), kept).squeeze(-1)
-        columns = place_columns(layout, index, device)  # index: each kept token's place in its item's run
+        columns = place_columns(
+            layout, index, device
+        )  # index: each kept token's place in its item's run
         ids = torch.from_numpy(layout.ids).to(device)
-        if layout.visual.size:  # a run's kept places hold the prompt's ids at their columns
+        if (
+            layout.visual.size
+        ):  # a run's kept places hold the prompt's ids at their columns
             at = torch.from_numpy(layout.visual).to(device)
             ids.view(-1)[at] = ids_in.gather(1, columns).view(-1)[at]
         pos = self.full_positions(inputs).to(device)
         pos = pos.gather(2, columns[None].expand(pos.shape[0], -1, -1))
         mask = inputs.get("attention_mask")
         if layout.mask is not None:
-            mask = torch.from_numpy(layout.mask).to(device, mask.dtype if mask is not None else torch.long)
-        call = {k: v for k, v in inputs.items() if k not in (
-            *self.visual_input_names(), "image_grid_thw", "video_grid_thw", "mm_token_type_ids", "second_per_grid_ts")}
-        call.update(input_ids=ids, attention_mask=mask, position_ids=pos,
-                    mm_encoder_outputs=self.kept_outputs(enc, idx, kept_rows(visual, kept), kept))
+            mask = torch.from_numpy(layout.mask).to(
+                device, mask.dtype if mask is not None else torch.long
+            )
+        call = {
+            k: v
+            for k, v in inputs.items()
+            if k
+            not in (
+                *self.visual_input_names(),
+                "image_grid_thw",
+                "video_grid_thw",
+                "mm_token_type_ids",
+                "second_per_grid_ts",
+            )
+        }
+        call.update(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            mm_encoder_outputs=self.kept_outputs(
+                enc, idx, kept_rows(visual, kept), kept
+            ),
+        )
         labels = inputs.get("labels")
         if labels is not None:
             labels = labels.to(device).gather(1, columns)
@@ -208,26 +287,46 @@ class QwenVLAdapter(Adapter):
                 labels.view(-1)[torch.from_numpy(layout.pads).to(device)] = -100
             call["labels"] = labels
         removed = layout.orig_len - np.asarray(layout.lens, dtype=np.int64)
-        state = DecodeState(layout.orig_len, layout.new_len, mask, torch.from_numpy(removed).to(device), "mrope",
-                            rope_deltas=self.chunk_deltas(pos, mask))
+        state = DecodeState(
+            layout.orig_len,
+            layout.new_len,
+            mask,
+            torch.from_numpy(removed).to(device),
+            "mrope",
+            rope_deltas=self.chunk_deltas(pos, mask),
+        )
         return call, state
 
-    def run_index(self, enc: QwenEncoded, idx: torch.Tensor, kept: list[int]) -> torch.Tensor:
+    def run_index(
+        self, enc: QwenEncoded, idx: torch.Tensor, kept: list[int]
+    ) -> torch.Tensor:
         """Each kept place's offset in its item's prompt run, flat, item by item, ascending: the kept
         visual tokens' offsets merged with every structure token's. With decoder stages, remembers
         which kept places are structure (one host read)."""
         device, extra = idx.device, enc.structure
         big = max(len(v) + len(s) for v, s in zip(enc.offsets, enc.lines)) + 1
-        to_run = np.full((len(kept), max(len(v) for v in enc.offsets)), big, dtype=np.int64)  # index -> offset
+        to_run = np.full(
+            (len(kept), max(len(v) for v in enc.offsets)), big, dtype=np.int64
+        )  # index -> offset
         lines = np.full((len(kept), max(extra)), big, dtype=np.int64)
         for i, (v, s) in enumerate(zip(enc.offsets, enc.lines)):
             to_run[i, : len(v)], lines[i, : len(s)] = v, s
-        mapped = to_device(torch.from_numpy(to_run), device).gather(1, idx.clamp(min=0)).masked_fill(idx < 0, big)
-        places, order = torch.cat([mapped, to_device(torch.from_numpy(lines), device)], 1).sort(1)
+        mapped = (
+            to_device(torch.from_numpy(to_run), device)
+            .gather(1, idx.clamp(min=0))
+            .masked_fill(idx < 0, big)
+        )
+        places, order = torch.cat(
+            [mapped, to_device(torch.from_numpy(lines), device)], 1
+        ).sort(1)
         run_kept = [k + e for k, e in zip(kept, extra)]
-        if self.decoder is not None:  # the decoder stages' places skip the structure: which ranks it holds
+        if (
+            self.decoder is not None
+        ):  # the decoder stages' places skip the structure: which ranks it holds
             is_line = (order >= idx.shape[1]).cpu().numpy()
-            self._lines = np.concatenate([is_line[i, :c] for i, c in enumerate(run_kept)])
+            self._lines = np.concatenate(
+                [is_line[i, :c] for i, c in enumerate(run_kept)]
+            )
         return kept_rows(places.unsqueeze(-1), run_kept).squeeze(-1)
 
     def decoder_run(self, places, per_image, rows, mask, valid):
@@ -241,17 +340,28 @@ class QwenVLAdapter(Adapter):
             run.structure = lines
         return run
 
-    def chunk_deltas(self, position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def chunk_deltas(
+        self, position_ids: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Decode steps continue at the unpruned ids: [B, 1] the largest attended id + 1 - the attended
         tokens (a row with none attended: -1 - 0, as if its ids started at 0)."""
         pos = position_ids if position_ids.ndim == 3 else position_ids[None]
         pos = pos[-3:]
-        valid = mask.bool() if mask is not None else torch.ones(pos.shape[1:], dtype=torch.bool, device=pos.device)
+        valid = (
+            mask.bool()
+            if mask is not None
+            else torch.ones(pos.shape[1:], dtype=torch.bool, device=pos.device)
+        )
         top = pos.masked_fill(~valid[None].to(pos.device), -1).amax(dim=(0, 2))
         return (top + 1 - valid.sum(1).to(top.device))[:, None]
 
-    def turn_positions(self, inputs: dict[str, Any], state: DecodeState | None, past: int,
-                       mask: torch.Tensor | None) -> torch.Tensor:
+    def turn_positions(
+        self,
+        inputs: dict[str, Any],
+        state: DecodeState | None,
+        past: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """A later turn's M-RoPE ids [3, B, q]: the caller's 3-D ids, else those `get_rope_index` gives
         these tokens in the whole unpruned conversation: the turn's own ids from 0, shifted to each
         row's next id (its attended cached tokens + the cache's rope delta). generate() passes 4-D ids
@@ -260,22 +370,54 @@ class QwenVLAdapter(Adapter):
         if pos is not None and pos.ndim == 3 and pos.shape[0] == 3:
             return pos
         grids = {f"{kind}_grid_thw": self.patch_grids(inputs, kind) for kind in KINDS}
-        own = self.full_positions(dict(inputs, position_ids=None, attention_mask=None if mask is None else mask[:, past:],
-                                       **grids))
-        deltas = state.rope_deltas if state is not None else self.model.model.rope_deltas
-        seen = mask[:, :past].sum(1) if mask is not None else torch.full((own.shape[1],), past)
-        start = seen.to(own.device) + (0 if deltas is None else deltas[:, 0].to(own.device))
+        own = self.full_positions(
+            dict(
+                inputs,
+                position_ids=None,
+                attention_mask=None if mask is None else mask[:, past:],
+                **grids,
+            )
+        )
+        deltas = (
+            state.rope_deltas if state is not None else self.model.model.rope_deltas
+        )
+        seen = (
+            mask[:, :past].sum(1)
+            if mask is not None
+            else torch.full((own.shape[1],), past)
+        )
+        start = seen.to(own.device) + (
+            0 if deltas is None else deltas[:, 0].to(own.device)
+        )
         return own + start[None, :, None]
 
-    def kept_outputs(self, enc: Encoded, idx: torch.Tensor, rows: torch.Tensor, kept: list[int]) -> dict[str, Any]:
+    def kept_outputs(
+        self, enc: Encoded, idx: torch.Tensor, rows: torch.Tensor, kept: list[int]
+    ) -> dict[str, Any]:
         """The encoder outputs of the kept tokens by kind, as HF's forward reads them: the kept (or
         merged) features per item, and Qwen3-VL's deepstack features gathered at the same indices."""
         per_item = rows.split(kept)
         deep = None
-        if any(getattr(out, "deepstack_features", None) for out in enc.outputs.values()):
-            deep = [kept_rows(gather_rows(stack_padded([enc.outputs[kind].deepstack_features[layer][j]
-                                                         for kind, j in zip(enc.kinds, enc.index)]), idx), kept).split(kept)
-                    for layer in range(len(next(iter(enc.outputs.values())).deepstack_features))]
+        if any(
+            getattr(out, "deepstack_features", None) for out in enc.outputs.values()
+        ):
+            deep = [
+                kept_rows(
+                    gather_rows(
+                        stack_padded(
+                            [
+                                enc.outputs[kind].deepstack_features[layer][j]
+                                for kind, j in zip(enc.kinds, enc.index)
+                            ]
+                        ),
+                        idx,
+                    ),
+                    kept,
+                ).split(kept)
+                for layer in range(
+                    len(next(iter(enc.outputs.values())).deepstack_features)
+                )
+            ]
         out = {}
         for kind in KINDS:
             items = [i for i, k in enumerate(enc.kinds) if k == kind]
@@ -285,34 +427,47 @@ class QwenVLAdapter(Adapter):
             result = copy.copy(enc.outputs[kind])
             result.pooler_output = tuple(per_item[i] for i in items)
             if deep is not None:
-                result.deepstack_features = [tuple(layer[i] for i in items) for layer in deep]
+                result.deepstack_features = [
+                    tuple(layer[i] for i in items) for layer in deep
+                ]
             out[kind] = result
         return out
 
     def patch_grids(self, inputs: dict[str, Any], kind: str) -> torch.Tensor | None:
         """[items, 3] (t, h, w) patch grids of a call's items of `kind`: given, or (generate() encodes
         before the prefill and drops them) from the token grids recorded when they were encoded."""
-        given, out = inputs.get(f"{kind}_grid_thw"), (inputs.get("mm_encoder_outputs") or {}).get(kind)
+        given, out = (
+            inputs.get(f"{kind}_grid_thw"),
+            (inputs.get("mm_encoder_outputs") or {}).get(kind),
+        )
         if given is not None or out is None:
             return given
         m, thw = self.merge, []
         for f in out.pooler_output:
             g = self.recorded_grid(f)
             if g is None:
-                raise ValueError(f"vlmprune: {kind} features given without {kind}_grid_thw (one (t, h, w) row per "
-                                 f"{kind}); pass it, or pass the pixels")
+                raise ValueError(
+                    f"vlmprune: {kind} features given without {kind}_grid_thw (one (t, h, w) row per "
+                    f"{kind}); pass it, or pass the pixels"
+                )
             t = g[2] if len(g) > 2 else 1
             thw.append([t, g[0] * m // t, g[1] * m])
         return torch.tensor(thw)
 
     def after_prefill(self, state: DecodeState) -> None:
-        self.model.model.rope_deltas = state.rope_deltas  # what HF's own decode steps read
+        self.model.model.rope_deltas = (
+            state.rope_deltas
+        )  # what HF's own decode steps read
 
-    def decode_inputs(self, state: DecodeState, inputs: dict[str, Any]) -> dict[str, Any]:
+    def decode_inputs(
+        self, state: DecodeState, inputs: dict[str, Any]
+    ) -> dict[str, Any]:
         """generate() passes the unpruned ids (they stay right); without ids, each new token's id is
         its row's attended count so far (pruned cache) - 1 + the row's pruned rope delta."""
         pos = inputs.get("position_ids")
-        if state.turns and pos is not None and pos.shape[0] != 3:  # generate()'s, by HF's text rule: see turn_positions
+        if (
+            state.turns and pos is not None and pos.shape[0] != 3
+        ):  # generate()'s, by HF's text rule: see turn_positions
             inputs = dict(inputs, position_ids=None)
         out = super().decode_inputs(state, inputs)
         if out.get("position_ids") is None and state.rope_deltas is not None:
@@ -324,7 +479,11 @@ class QwenVLAdapter(Adapter):
             else:
                 past = find_cache(out).get_seq_length()
                 base = (torch.arange(q, device=state.rope_deltas.device) + past)[None]
-            out["position_ids"] = (base.to(state.rope_deltas.device) + state.rope_deltas).unsqueeze(0).expand(3, -1, -1)
+            out["position_ids"] = (
+                (base.to(state.rope_deltas.device) + state.rope_deltas)
+                .unsqueeze(0)
+                .expand(3, -1, -1)
+            )
         return out
 
 
@@ -349,7 +508,9 @@ def frame_runs(prompt: Prompt, enc: QwenEncoded) -> np.ndarray:
         mine = places[at : at + int(f.shape[0])]
         at += mine.size
         first, last = int(mine[0]), int(mine[-1])
-        line = np.zeros(mine.size, dtype=bool)  # an image, or a video over rows: as it is (plan_layout checks)
+        line = np.zeros(
+            mine.size, dtype=bool
+        )  # an image, or a video over rows: as it is (plan_layout checks)
         if kind == "video" and first // length == last // length:
             line = np.ones(last - first + 1, dtype=bool)
             line[mine - first] = False
@@ -362,7 +523,9 @@ def frame_runs(prompt: Prompt, enc: QwenEncoded) -> np.ndarray:
     return np.concatenate(marks)
 
 
-def prompt_order(prompt: Prompt, token_ids: tuple[int, ...], sizes: dict[str, list[int]]) -> list[tuple[str, int]]:
+def prompt_order(
+    prompt: Prompt, token_ids: tuple[int, ...], sizes: dict[str, list[int]]
+) -> list[tuple[str, int]]:
     """(kind, index within its kind) of every visual item in the order the prompt holds their
     tokens, from the token id at each item's first place and the items' token counts."""
     places = np.flatnonzero(prompt.is_visual.numpy())
@@ -381,13 +544,21 @@ def prompt_order(prompt: Prompt, token_ids: tuple[int, ...], sizes: dict[str, li
         order.append((kind, j))
         taken[kind] = j + 1
         at += sizes[kind][j]
-    left = {kind: len(v) - taken.get(kind, 0) for kind, v in sizes.items() if len(v) > taken.get(kind, 0)}
+    left = {
+        kind: len(v) - taken.get(kind, 0)
+        for kind, v in sizes.items()
+        if len(v) > taken.get(kind, 0)
+    }
     if left:
-        raise ValueError(f"vlmprune: {left} image/video inputs have no placeholder tokens in the prompt")
+        raise ValueError(
+            f"vlmprune: {left} image/video inputs have no placeholder tokens in the prompt"
+        )
     return order
 
 
-def _record_args(seen: dict[str, Any], forward: Callable, hidden_states, *args, **kwargs):
+def _record_args(
+    seen: dict[str, Any], forward: Callable, hidden_states, *args, **kwargs
+):
     """An attention block's forward (see `Wrap`) that records the sequence bounds and rotary
     embeddings it is called with, then runs unchanged."""
     seen["cu_seqlens"] = kwargs.get("cu_seqlens", args[0] if args else None)
@@ -401,11 +572,19 @@ class QwenTaps:
 
     def __init__(self, visual: nn.Module, request: Request):
         self.visual, self.request = visual, request
-        self.layers = tuple(sorted(set(request.received_attn) | set(request.keys) | set(request.attn_graph)))
+        self.layers = tuple(
+            sorted(
+                set(request.received_attn) | set(request.keys) | set(request.attn_graph)
+            )
+        )
         self.unit = int(visual.spatial_merge_size) ** 2
         for layer in self.layers:
-            if not isinstance(getattr(visual.blocks[layer].attn, "qkv", None), nn.Linear):
-                raise ValueError(f"vlmprune: vision block {layer} has no fused qkv projection; this encoder needs its own adapter")
+            if not isinstance(
+                getattr(visual.blocks[layer].attn, "qkv", None), nn.Linear
+            ):
+                raise ValueError(  # noqa: TRY004 (bad input is a ValueError: DESIGN §1)
+                    f"vlmprune: vision block {layer} has no fused qkv projection; this encoder needs its own adapter"
+                )
 
     @contextlib.contextmanager
     def capture(self):
@@ -424,10 +603,16 @@ class QwenTaps:
                 taps.pop().remove()
 
     @torch.no_grad()
-    def tables(self, seen: dict[int, dict[str, Any]], grid_thw: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    def tables(
+        self, seen: dict[int, dict[str, Any]], grid_thw: torch.Tensor
+    ) -> dict[str, dict[int, torch.Tensor]]:
         """name -> layer -> [items, N, ...] signals at the LLM-token level (merge groups pooled, in
         the merger's output order), zero-padded to the longest item."""
-        out: dict[str, dict[int, torch.Tensor]] = {"received_attn": {}, "keys": {}, "attn_graph": {}}
+        out: dict[str, dict[int, torch.Tensor]] = {
+            "received_attn": {},
+            "keys": {},
+            "attn_graph": {},
+        }
         if not self.layers:
             return out
         thw = grid_thw.tolist()
@@ -436,8 +621,10 @@ class QwenTaps:
         for layer in self.layers:
             got = seen[layer]
             if "qkv" not in got or got.get("rotary") is None:
-                raise ValueError(f"vlmprune: vision block {layer} ran without its qkv projection or rotary embeddings; "
-                                 f"this encoder needs its own adapter")
+                raise ValueError(
+                    f"vlmprune: vision block {layer} ran without its qkv projection or rotary embeddings; "
+                    f"this encoder needs its own adapter"
+                )
             attn = self.visual.blocks[layer].attn
             qkv = detached(got["qkv"])
             s = qkv.shape[0]
@@ -445,18 +632,32 @@ class QwenTaps:
             if layer in self.request.keys:
                 out["keys"][layer] = self.per_item(k.reshape(s, -1), order, sizes)
             if layer in self.request.received_attn or layer in self.request.attn_graph:
-                rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision  # as the block applies it
+                rotary = sys.modules[
+                    type(attn).__module__
+                ].apply_rotary_pos_emb_vision  # as the block applies it
                 cos, sin = got["rotary"]
                 qr, kr = rotary(q, k, cos, sin)
                 qr, kr = qr.reshape(s, -1), kr.reshape(s, -1)
                 bounds = got["cu_seqlens"].tolist()
             if layer in self.request.received_attn:
                 r = segment_received(qr, kr, bounds, attn.num_heads, attn.scaling)
-                out["received_attn"][layer] = self.per_item(r[:, None], order, sizes)[..., 0]
+                out["received_attn"][layer] = self.per_item(r[:, None], order, sizes)[
+                    ..., 0
+                ]
             if layer in self.request.attn_graph:
-                graphs = segment_graph(qr, kr, bounds, attn.num_heads, attn.scaling, self.unit, sizes,
-                                       mean_heads=self.request.attn_graph_heads == "mean")
-                out["attn_graph"][layer] = pad_graphs(self.graph_order(graphs, order, sizes))
+                graphs = segment_graph(
+                    qr,
+                    kr,
+                    bounds,
+                    attn.num_heads,
+                    attn.scaling,
+                    self.unit,
+                    sizes,
+                    mean_heads=self.request.attn_graph_heads == "mean",
+                )
+                out["attn_graph"][layer] = pad_graphs(
+                    self.graph_order(graphs, order, sizes)
+                )
         return out
 
     def merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
@@ -470,12 +671,18 @@ class QwenTaps:
         else:
             from transformers.vision_utils import get_vision_window_index
 
-            window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=v.spatial_merge_size,
-                                                      window_size=v.window_size, patch_size=v.patch_size)
+            window_index, _ = get_vision_window_index(
+                grid_thw,
+                spatial_merge_size=v.spatial_merge_size,
+                window_size=v.window_size,
+                patch_size=v.patch_size,
+            )
         return torch.argsort(window_index.to(grid_thw.device))
 
     @staticmethod
-    def graph_order(graphs: list[torch.Tensor], order: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor]:
+    def graph_order(
+        graphs: list[torch.Tensor], order: torch.Tensor | None, sizes: list[int]
+    ) -> list[torch.Tensor]:
         """Each item's [H, N, N] group graph (blocks' order) in the merger's output order (rows and
         columns); Qwen2.5-VL's window permutation keeps every item's groups among its own."""
         if order is None:
@@ -487,7 +694,9 @@ class QwenTaps:
             start += n
         return out
 
-    def per_item(self, x: torch.Tensor, order: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
+    def per_item(
+        self, x: torch.Tensor, order: torch.Tensor | None, sizes: list[int]
+    ) -> torch.Tensor:
         """[S, C] per-patch values (blocks' order) -> [items, N, C] float32: the mean of each merge
         group's patches, in the merger's output order, split by item and zero-padded."""
         groups = x.float().view(-1, self.unit, x.shape[-1]).mean(1)
@@ -496,17 +705,23 @@ class QwenTaps:
         return stack_padded(list(groups.split(sizes)))
 
 
-def segment_received(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: int, scale: float) -> torch.Tensor:
+def segment_received(
+    q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: int, scale: float
+) -> torch.Tensor:
     """[S] float32: for every token, the head- and query-mean softmax attention it receives within
     its attention sequence ([bounds[i], bounds[i+1]) as the block's cu_seqlens say). Sequences of
     one length go together (one image's frames, same-size images), each computed in query chunks."""
     out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
     for _, rows in same_length_sequences(bounds, q.device):
-        out[rows.reshape(-1)] = received_attention(q[rows], k[rows], heads, scale).reshape(-1)
+        out[rows.reshape(-1)] = received_attention(
+            q[rows], k[rows], heads, scale
+        ).reshape(-1)
     return out
 
 
-def same_length_sequences(bounds: list[int], device) -> list[tuple[np.ndarray, torch.Tensor]]:
+def same_length_sequences(
+    bounds: list[int], device
+) -> list[tuple[np.ndarray, torch.Tensor]]:
     """The attention sequences ([bounds[i], bounds[i+1]) as a block's cu_seqlens say) grouped by
     length: per length n, the sequences' first tokens (host) and their token rows [G, n] on `device`."""
     lengths, starts = np.diff(np.asarray(bounds)), np.asarray(bounds[:-1])
@@ -514,12 +729,25 @@ def same_length_sequences(bounds: list[int], device) -> list[tuple[np.ndarray, t
     for n in np.unique(lengths):
         if n > 0:
             first = starts[lengths == n]
-            groups.append((first, torch.from_numpy(first[:, None] + np.arange(n)[None, :]).to(device)))
+            groups.append(
+                (
+                    first,
+                    torch.from_numpy(first[:, None] + np.arange(n)[None, :]).to(device),
+                )
+            )
     return groups
 
 
-def segment_graph(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: int, scale: float, unit: int,
-                  sizes: list[int], mean_heads: bool = False) -> list[torch.Tensor]:
+def segment_graph(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bounds: list[int],
+    heads: int,
+    scale: float,
+    unit: int,
+    sizes: list[int],
+    mean_heads: bool = False,
+) -> list[torch.Tensor]:
     """Per item, its [H (1 for the head mean), N_i, N_i] float32 attention graph over its merge groups
     (N_i = sizes[i] groups of `unit` consecutive patches, in the blocks' order): within each attention
     sequence ([bounds[j], bounds[j+1]) as the block's cu_seqlens say), the softmax attention of its
@@ -528,10 +756,14 @@ def segment_graph(q: torch.Tensor, k: torch.Tensor, bounds: list[int], heads: in
     Sequences of one length go together, each in query chunks."""
     h = 1 if mean_heads else heads
     graphs = [torch.zeros(h, n, n, dtype=torch.float32, device=q.device) for n in sizes]
-    item_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * unit  # first patch of each item
+    item_start = (
+        np.concatenate([[0], np.cumsum(sizes)[:-1]]) * unit
+    )  # first patch of each item
     for first, rows in same_length_sequences(bounds, q.device):
         n = rows.shape[1]
-        g = attention_graph_ref(q[rows], k[rows], heads, scale, group=unit, mean_heads=mean_heads)
+        g = attention_graph_ref(
+            q[rows], k[rows], heads, scale, group=unit, mean_heads=mean_heads
+        )
         for j, b0 in enumerate(first.tolist()):
             item = int(np.searchsorted(item_start, b0, side="right")) - 1
             at = (b0 - int(item_start[item])) // unit

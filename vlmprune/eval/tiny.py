@@ -203,7 +203,7 @@ def qwen_inputs(rows: list[list[tuple[str, tuple[int, int, int]]]], *, patch_siz
         raise ValueError(f"family must be one of {QWEN_FAMILIES}, got {family!r}")
     g = torch.Generator().manual_seed(seed)
     width = 3 * QWEN_TEMPORAL * patch_size * patch_size
-    seqs, types, pixels, grids = [], [], {"image": [], "video": []}, {"image": [], "video": []}
+    seqs, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
     for b, items in enumerate(rows):
         ids = torch.randint(3, vocab, (before,), generator=g).tolist()
         for kind, (t, h, w) in items:
