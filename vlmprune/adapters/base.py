@@ -822,6 +822,21 @@ def kept_rows(visual: torch.Tensor, kept: list[int]) -> torch.Tensor:
     return flat[to_device([i * kmax + j for i, c in enumerate(kept) for j in range(c)], visual.device)]
 
 
+def structure_merged(idx: torch.Tensor, visual: list[np.ndarray], lines: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items with structure tokens (`Encoded.structure`): per item, its kept tokens' places in its
+    prompt run (`visual[i][idx[i]]`; idx [items, K] padded with -1) merged ascending with its
+    structure tokens' (`lines[i]`, all kept): [items, K + E] places (padding -1, last) and each
+    place's column in [idx | lines] (>= K: structure)."""
+    big = max(len(v) + len(s) for v, s in zip(visual, lines)) + 1
+    to_run = np.full((len(visual), max(len(v) for v in visual)), big, dtype=np.int64)  # index -> place
+    table = np.full((len(visual), max(len(s) for s in lines)), big, dtype=np.int64)
+    for i, (v, s) in enumerate(zip(visual, lines)):
+        to_run[i, : len(v)], table[i, : len(s)] = v, s
+    mapped = to_device(torch.from_numpy(to_run), idx.device).gather(1, idx.clamp(min=0)).masked_fill(idx < 0, big)
+    places, order = torch.cat([mapped, to_device(torch.from_numpy(table), idx.device)], 1).sort(1)
+    return places.masked_fill(places == big, -1), order
+
+
 @dataclass
 class PendingSelection:
     """A prefill's kept indices still on the device, with what the host planned: each image i
