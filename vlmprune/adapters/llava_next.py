@@ -38,7 +38,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from vlmprune.adapters.base import Encoded, Prompt, register_adapter, stack_padded
+from vlmprune.adapters.base import (
+    Encoded,
+    Prompt,
+    register_adapter,
+    stack_padded,
+    structure_merged,
+)
 from vlmprune.adapters.llava import LlavaAdapter, signal_tables, vit_layers
 from vlmprune.adapters.vit import SignalHooks
 from vlmprune.kernels.select import to_device
@@ -349,24 +355,11 @@ class LlavaNextAdapter(LlavaAdapter):
         extra = [int(it.newline.sum()) for it in items]
         if not any(extra):
             return super().pruned_inputs(inputs, layout, idx, visual, kept, enc)
-        device, big = idx.device, max(len(it.newline) for it in items) + 1
-        to_run = np.full(
-            (len(items), max(len(it.visual) for it in items)), big, dtype=np.int64
-        )  # index -> place
-        lines = np.full(
-            (len(items), max(extra)), big, dtype=np.int64
-        )  # the newlines' places in the run
-        for i, it in enumerate(items):
-            to_run[i, : len(it.visual)] = it.visual
-            lines[i, : extra[i]] = np.flatnonzero(it.newline)
-        mapped = (
-            to_device(torch.from_numpy(to_run), device)
-            .gather(1, idx.clamp(min=0))
-            .masked_fill(idx < 0, big)
+        places, order = structure_merged(
+            idx,
+            [it.visual for it in items],
+            [np.flatnonzero(it.newline) for it in items],
         )
-        places, order = torch.cat(
-            [mapped, to_device(torch.from_numpy(lines), device)], 1
-        ).sort(1)
         width = max(k + e for k, e in zip(kept, extra))
         places, order = places[:, :width], order[:, :width]
         newline = self.model.model.image_newline.to(visual.device, visual.dtype)
@@ -378,9 +371,7 @@ class LlavaNextAdapter(LlavaAdapter):
         ):  # the decoder stages' places skip the newlines: which ranks they hold
             is_line = (order >= idx.shape[1]).cpu().numpy()
             self._newlines = [is_line[i, :c] for i, c in enumerate(run_kept)]
-        return super().pruned_inputs(
-            inputs, layout, places.masked_fill(places >= big, -1), rows, run_kept, enc
-        )
+        return super().pruned_inputs(inputs, layout, places, rows, run_kept, enc)
 
     def decoder_run(self, places, per_image, rows, mask, valid):
         """As the base, over the visual tokens' places only (the newlines are never scored), the
