@@ -43,13 +43,13 @@ from vlmprune.adapters.base import (
     kept_rows,
     register_adapter,
     stack_padded,
+    structure_merged,
 )
 from vlmprune.adapters.vit import Tap, Wrap, detached, pad_graphs
 from vlmprune.kernels import gather_rows
 from vlmprune.kernels.assemble import Layout, place_columns
 from vlmprune.kernels.graph import attention_graph_ref
 from vlmprune.kernels.received import received_attention
-from vlmprune.kernels.select_ref import to_device
 from vlmprune.scorers.base import EncoderInfo, Request
 
 KINDS = ("image", "video")
@@ -303,23 +303,8 @@ class QwenVLAdapter(Adapter):
         """Each kept place's offset in its item's prompt run, flat, item by item, ascending: the kept
         visual tokens' offsets merged with every structure token's. With decoder stages, remembers
         which kept places are structure (one host read)."""
-        device, extra = idx.device, enc.structure
-        big = max(len(v) + len(s) for v, s in zip(enc.offsets, enc.lines)) + 1
-        to_run = np.full(
-            (len(kept), max(len(v) for v in enc.offsets)), big, dtype=np.int64
-        )  # index -> offset
-        lines = np.full((len(kept), max(extra)), big, dtype=np.int64)
-        for i, (v, s) in enumerate(zip(enc.offsets, enc.lines)):
-            to_run[i, : len(v)], lines[i, : len(s)] = v, s
-        mapped = (
-            to_device(torch.from_numpy(to_run), device)
-            .gather(1, idx.clamp(min=0))
-            .masked_fill(idx < 0, big)
-        )
-        places, order = torch.cat(
-            [mapped, to_device(torch.from_numpy(lines), device)], 1
-        ).sort(1)
-        run_kept = [k + e for k, e in zip(kept, extra)]
+        places, order = structure_merged(idx, enc.offsets, enc.lines)
+        run_kept = [k + e for k, e in zip(kept, enc.structure)]
         if (
             self.decoder is not None
         ):  # the decoder stages' places skip the structure: which ranks it holds
