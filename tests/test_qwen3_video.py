@@ -2,7 +2,8 @@
 writes them) against their oracles on a tiny random model: nothing pruned == unpatched bit for bit;
 a method == the unpatched model fed only the kept tokens (each frame's run holding its own kept
 tokens, the timestamps kept) at the unpruned M-RoPE ids; generate() continues at the unpruned ids;
-a batch with a video, an image and a text-only row == its rows alone."""
+a batch with a video, an image and a text-only row == its rows alone (with a decoder stage too);
+a second chat turn's video on a pruned cache == the hand-fed conversation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 import vlmprune
 from tests.test_qwen import pad_rows, placed, qwen3_outputs
+from vlmprune.adapters.base import output_cache
 from vlmprune.eval.tiny import (
     QWEN3_FPS,
     QWEN3_TIME,
@@ -183,3 +185,39 @@ def test_decoder_stage_batch_generates_as_rows_alone(stages):
     model = tiny_qwen("qwen3_vl", seed=18, text_layers=4)
     vlmprune.patch(model, stages)
     assert_batch_generates_as_rows_alone(model, 30, [[2, 2], [2], []])
+
+
+def test_second_turn_video_equals_the_conversation():
+    """Turn 2's video on turn 1's pruned cache (an image): each call's logits == the rows of the
+    unpatched model fed the whole conversation's kept tokens at its unpruned M-RoPE ids."""
+    model = tiny_qwen("qwen3_vl", seed=20)
+    first, second = inputs_of([[("image", (1, 8, 8))]], 21), inputs_of([[VIDEO]], 22)
+    vlmprune.patch(model, "cls", keep=5)
+    l1, l2 = first["input_ids"].shape[1], second["input_ids"].shape[1]
+    with torch.no_grad():
+        o1 = model(**first, use_cache=True)
+        sel = vlmprune.last_selection(model)[0]
+        mask = torch.ones(1, l1 + l2, dtype=torch.long)
+        o2 = model(**dict(second, attention_mask=mask), cache=output_cache(o1))
+        sel += vlmprune.last_selection(model)[0]
+    ids = torch.cat([first["input_ids"], second["input_ids"]], 1)
+    whole = {
+        **first,
+        **second,
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
+    whole["mm_token_type_ids"] = torch.cat(
+        [first["mm_token_type_ids"], second["mm_token_type_ids"]], 1
+    )
+    kept, feats, enc = placed(model, whole)
+    assert [len(k) for k in kept] == [5, 5] and all(
+        torch.equal(a, b) for a, b in zip(sel, kept)
+    )
+    vlmprune.unpatch(model)
+    with torch.no_grad():
+        ref = model(**oracle_call(model, whole, kept, feats, enc)).logits[0]
+    assert (o1.logits.shape[1], o2.logits.shape[1]) == (l1 - 11, l2 - 19)
+    torch.testing.assert_close(
+        torch.cat([o1.logits[0], o2.logits[0]]), ref, atol=1e-4, rtol=0
+    )
