@@ -7,6 +7,9 @@ encoder-layer features added to the visual tokens' hidden states in the first de
 
 - Visual items are images and videos, each with its own (t, h, w) grid; `keep` counts an item's
   LLM tokens (a video's over all its frames). Items are scored in the order the prompt holds them.
+- Qwen3-VL videos: the processor writes each frame as `<s seconds>` text, vision start, its pads,
+  vision end. The video's tokens from its first pad to its last are one run whose text is structure
+  (`frame_runs`: kept, never scored), so each frame's run holds its own kept tokens (maybe none).
 - Signals (no CLS token): `received_attn` of a block, the head- and query-mean softmax attention
   each patch receives, from that block's own q/k (taps on its fused `qkv` and on the rotary and
   sequence bounds the block is called with), over the sequences the block attends (an image, a
