@@ -243,7 +243,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
                     *zip(*pts),
                     marker="osD^v<>p"[i % 8],
                     markersize=8 - 1.5 * (i % 3),
-                    color=f"C{i}",
+                    color=f"C{i}" if len(methods) <= 10 else plt.cm.tab20(i % 20),  # beyond the default cycle
                     label=m,
                     linewidth=2.5 - 0.6 * (i % 3),
                 )  # sizes vary so coinciding lines stay visible
