@@ -531,3 +531,22 @@ def test_a_stage_list_with_only_a_decoder_stage_equals_the_method_form():
             outs.append(model(input_ids=ids, pixel_values=pv).logits)
         assert [len(k) for k in vlmprune.last_selection(model)[0]] == [3, 3]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_dart_on_qwen_batch_generates_as_rows_alone(family):
+    """DART's signals on M-RoPE decoders (rotary keys of layer K-1, the instruction's hidden states):
+    a left-padded batch with two images in a row and a text-only row == each row alone."""
+    from tests.test_qwen import pad_rows
+
+    model = tiny_qwen(family, seed=45, text_layers=LAYERS)
+    rows = [[("image", (1, 8, 12))], [("image", (1, 4, 8)), ("image", (1, 8, 8))], []]
+    singles = [qwen_inputs([row], seed=46 + i) for i, row in enumerate(rows)]
+    batch = pad_rows(singles)
+    vlmprune.patch(model, "dart", layer=3, keep=6, pivot_image=2)
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1]:]
+        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == [[6], [6, 6], []]
+        for i, single in enumerate(singles):
+            assert torch.equal(out[i], model.generate(**single, **gen)[0, single["input_ids"].shape[1]:]), i
