@@ -546,6 +546,48 @@ def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path):
     )
 
 
+def test_sweep_overlays_are_show_s_pictures(tmp_path):
+    """`sweep --overlays 2` on a saved LLaVA-NeXT: each row's first tile is the original image
+    (upscaled as drawn), each method's tile is exactly `kept_overlay`'s two-panel picture."""
+    from vlmprune.eval.sweep import load_vlm
+    from vlmprune.eval.visualise import CAPTION_PX, display_scale, kept_overlay
+
+    save_tiny_llava_next(tmp_path / "model")
+    images = [block_picture(), Image.new("RGB", (30, 50), (200, 30, 30))]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    (tmp_path / "d.jsonl").write_text(
+        '{"image": "0.png", "question": "w5 w6"}\n{"image": "1.png", "question": "w7"}\n'
+    )
+    out = tmp_path / "out"
+    res = invoke(
+        "sweep", "--model", tmp_path / "model", "--data", tmp_path / "d.jsonl", "--methods",
+        "cls,uniform", "--keep", 8, "--device", "cpu", "--max-new-tokens", 1, "--out", out,
+        "--overlays", 2,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
+    vlm = load_vlm(str(tmp_path / "model"), "cpu")
+    want = [
+        [kept_overlay(vlm, im, m, q, keep=8).picture for m in ("cls", "uniform")]
+        for im, q in zip(images, ("w5 w6", "w7"))
+    ]
+    width = max(p.width for row in want for p in row)
+    height = max(p.height for row in want for p in row)
+    assert grid.shape == (2 * (height + CAPTION_PX), 3 * width, 3)
+    for r, (image, pictures) in enumerate(zip(images, want)):
+        top = r * (height + CAPTION_PX) + CAPTION_PX
+        s = display_scale(image.size)
+        shown = image.resize((image.width * s, image.height * s), Image.NEAREST)
+        for c, picture in enumerate([shown, *pictures]):
+            tile = grid[
+                top : top + picture.height, c * width : c * width + picture.width
+            ]
+            assert np.array_equal(tile, np.asarray(picture)), (r, c)
+    # two panels: the base view and the crops
+    assert want[0][0].width > 2 * want[0][0].height
+
+
 def test_lmms_eval_model_args_take_view_scores(tmp_path):
     """`view_scores=raw` in --model_args reaches the patched model; a bad value fails before loading."""
     plugin = pytest.importorskip("vlmprune.eval.lmms_plugin")

@@ -95,6 +95,17 @@ def kept_overlay(
     return Overlay(picture, kept, caption)
 
 
+def shown_image(vlm: Any, image: Image.Image, prompt: str) -> Image.Image:
+    """The picture `kept_overlay` draws on, nothing dimmed, at its display scale: the original
+    image for any-resolution families (config with `image_grid_pinpoints`), else the encoder's view."""
+    if getattr(vlm.model.config, "image_grid_pinpoints", None):
+        view = image.convert("RGB")
+    else:
+        view = vlm.view(vlm.inputs([image], [prompt]))
+    scale = display_scale(view.size)
+    return view.resize((view.width * scale, view.height * scale), Image.NEAREST)
+
+
 def views_overlay(
     image: Image.Image,
     kept: torch.Tensor,
@@ -281,20 +292,13 @@ def overlay_grid(
     path: str | Path,
     **patch_kwargs: Any,
 ) -> Image.Image:
-    """One row per image: the encoder's view, then the kept-patch overlay of each method (same
-    `patch_kwargs`, e.g. keep=64), each tile captioned; saved to `path` as PNG."""
+    """One row per image: the picture drawn on (`shown_image`), then the kept-patch overlay of each
+    method (same `patch_kwargs`, e.g. keep=64), each tile captioned; saved to `path` as PNG."""
     from PIL import ImageDraw
 
     rows = []
     for image, prompt in zip(images, prompts):
-        view = vlm.view(vlm.inputs([image], [prompt]))
-        scale = display_scale(view.size)
-        tiles = [
-            (
-                "image",
-                view.resize((view.width * scale, view.height * scale), Image.NEAREST),
-            )
-        ]
+        tiles = [("image", shown_image(vlm, image, prompt))]
         tiles += [
             (m, kept_overlay(vlm, image, m, prompt, **patch_kwargs).picture)
             for m in methods
