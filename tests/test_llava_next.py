@@ -264,29 +264,80 @@ def test_onevision_downscaled_crop_grid_matches_oracle():
         )
 
 
+GENERATE_METHODS = {  # method -> (patch arguments, kept per image: one count, or per family per row)
+    "cls": ({"keep": 3}, 3),
+    "divprune": ({"keep": 3}, 3),
+    "pool": ({"keep": 3}, 3),
+    "fastv": ({"layer": 1, "keep": 3}, 3),
+    "cls+fastv": ([("cls", {"keep": 8}), ("fastv", {"layer": 1, "keep": 3})], 3),
+    "dart": ({"layer": 1, "keep": 6}, 6),
+    # the two-image row's first image leaves (and, OneVision, its second), the others stay
+    "exit": (
+        {"threshold": 0.4, "keep": 0},
+        {"llava_next": [[64], [0, 48], []], "llava_onevision": [[64], [0, 0], [], [8]]},
+    ),
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["cls", "divprune", "pool", "fastv", "cls+fastv"])
+@pytest.mark.parametrize("method", list(GENERATE_METHODS))
 def test_left_padded_batch_generates_as_rows_alone(family, method):
     model = tiny_llava_next(family, seed=9)
     singles = row_inputs(model, family, seed=20)
     batch = join_rows(singles)
-    if method == "cls+fastv":
-        vlmprune.patch(
-            model, [("cls", {"keep": 8}), ("fastv", {"layer": 1, "keep": 3})]
-        )
+    args, kept = GENERATE_METHODS[method]
+    if isinstance(args, list):
+        vlmprune.patch(model, args)
     else:
-        vlmprune.patch(
-            model, method, keep=3, **({"layer": 1} if method == "fastv" else {})
-        )
+        vlmprune.patch(model, method, **args)
+    if isinstance(kept, int):
+        kept = [[kept] * len(r) for r in batch_rows(family)]
+    else:
+        kept = kept[family]
     gen = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
     with torch.no_grad():
         out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1] :]
-        assert [[len(k) for k in r] for r in vlmprune.last_selection(model)] == [
-            [3] * len(r) for r in batch_rows(family)
-        ]
+        got = [[len(k) for k in r] for r in vlmprune.last_selection(model)]
+        assert got == kept
         for i, single in enumerate(singles):
             alone = model.generate(**single, **gen)[0, single["input_ids"].shape[1] :]
             assert torch.equal(out[i], alone), (i, out[i], alone)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dart_text_pivots_are_the_text_after_the_trailing_newline(family, monkeypatch):
+    """dart's instruction (its text pivots' pool) is each row's attended text after its last
+    placeholder run: the run's trailing `image_newline` is structure, not text (a row whose image
+    is followed by text; with the newline counted every count would be one more)."""
+    from vlmprune.scorers.dart import DartScorer
+
+    model = tiny_llava_next(family, seed=9)
+    batch = join_rows(row_inputs(model, family, seed=20))
+    seen = []
+    select = DartScorer.select
+    monkeypatch.setattr(
+        DartScorer,
+        "select",
+        lambda self, signals, k: (
+            seen.append(signals.text_counts) or select(self, signals, k)
+        ),
+    )
+    vlmprune.patch(model, "dart", layer=1, keep=6)
+    with torch.no_grad():
+        model(**batch)
+    placeholder = torch.isin(
+        batch["input_ids"], torch.tensor([IMAGE_TOKEN, ANYRES_VIDEO])
+    )
+    last = torch.where(placeholder, torch.arange(placeholder.shape[1]), -1).amax(1)
+    after = (torch.arange(placeholder.shape[1]) > last[:, None]) & batch[
+        "attention_mask"
+    ].bool()
+    want = [
+        int(after[b].sum())
+        for b, row in enumerate(batch_rows(family))
+        for _ in row  # one count per image / video of the row
+    ]
+    assert seen == [tuple(want)] and min(want) > 0
 
 
 def view_cls_reference(model, inputs, mode: str) -> torch.Tensor:
