@@ -472,31 +472,71 @@ def test_fastv_text_query_skips_the_trailing_newline():
 
 
 # --- `vlmprune show` on any-resolution images -------------------------------------------------
-def save_tiny_llava_next(path):
-    """The tiny LLaVA-NeXT saved with a real LlavaNextProcessor (word-level tokenizer, its own
-    any-resolution image processor on the model's pinpoints), for `--model PATH`."""
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+def save_tiny_llava_next(path, family: str = "llava_next"):
+    """The tiny LLaVA-NeXT (or OneVision) saved with its real processor (word-level tokenizer, the
+    family's own any-resolution image processor on the model's pinpoints), for `--model PATH`."""
+    import transformers
 
     from tests.test_cli import word_tokenizer
 
-    model = tiny_llava_next("llava_next", seed=18)
+    model = tiny_llava_next(family, seed=18)
     side, vc = model.config.vision_config.image_size, model.config.vision_config
-    images = LlavaNextImageProcessor(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_grid_pinpoints=model.config.image_grid_pinpoints,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
-    LlavaNextProcessor(
-        image_processor=images,
-        tokenizer=word_tokenizer(),
-        patch_size=vc.patch_size,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    ).save_pretrained(path)
+    kwargs = {
+        "image_grid_pinpoints": model.config.image_grid_pinpoints,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
+    if family == "llava_next":
+        images = transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            **kwargs,
+        )
+        processor = transformers.LlavaNextProcessor(
+            image_processor=images,
+            tokenizer=word_tokenizer(),
+            patch_size=vc.patch_size,
+            vision_feature_select_strategy="default",
+            image_token="<image>",
+            num_additional_image_tokens=1,
+        )
+    else:
+        square = {"height": side, "width": side}
+        processor = transformers.LlavaOnevisionProcessor(
+            image_processor=transformers.LlavaOnevisionImageProcessor(
+                size=square, **kwargs
+            ),
+            tokenizer=video_word_tokenizer(),
+            video_processor=transformers.LlavaOnevisionVideoProcessor(size=square),
+            num_image_tokens=(side // vc.patch_size) ** 2,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            image_token="<image>",
+            vision_aspect_ratio=model.config.vision_aspect_ratio,
+        )
+    processor.save_pretrained(path)
     model.save_pretrained(path)
+
+
+def video_word_tokenizer():
+    """`word_tokenizer` with <video> at the tiny OneVision's video id (its processor counts it)."""
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_cli import word_tokenizer
+
+    words = word_tokenizer()
+    backend = words.backend_tokenizer
+    vocab = {**words.get_vocab(), "<video>": ANYRES_VIDEO}
+    backend.model = models.WordLevel(vocab=vocab, unk_token="<unk>")
+    special = {"image_token": "<image>", "video_token": "<video>"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=special,
+    )
 
 
 BLOCK = (
@@ -521,10 +561,15 @@ def touched_tokens(vlm, image: Image.Image) -> torch.Tensor:
     p = vlm.model.config.vision_config.patch_size
     diff = (pv[0] - pv[1]).abs().amax(1)  # [views, S, S]
     views = diff.unflatten(1, (-1, p)).unflatten(3, (-1, p)).amax((2, 4))
+    strategy = (
+        {"vision_feature_select_strategy": "default"}
+        if vlm.model.config.model_type == "llava_next"
+        else {}
+    )
     packed = vlm.model.model.pack_image_features(
         [views.flatten(1)[..., None]],
         vlm.inputs([image], ["w1"])["image_sizes"],
-        vision_feature_select_strategy="default",
+        **strategy,
     )[0][0]
     return torch.nonzero(packed[:, 0] > 1e-3).flatten()
 
@@ -539,13 +584,14 @@ def panel_marks(picture: np.ndarray, image: np.ndarray, panel: int) -> np.ndarra
     return (shown == image).all(-1)
 
 
-def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path, family):
     """Keep exactly the tokens whose patches the bright block touches: both panels show the block
     and dim everything farther than one token cell (+ resampling) from it; keep the others: the
-    reverse. Then `vlmprune show --model PATH` end to end."""
+    reverse. Then `vlmprune show --model PATH` end to end (each family with its real processor)."""
     from vlmprune.eval.sweep import load_vlm
 
-    save_tiny_llava_next(tmp_path / "model")
+    save_tiny_llava_next(tmp_path / "model", family)
     vlm = load_vlm(str(tmp_path / "model"), "cpu")
     image = block_picture()
     arr = np.asarray(image)
@@ -597,13 +643,14 @@ def test_show_draws_base_view_and_crops_over_the_original_image(tmp_path):
     )
 
 
-def test_sweep_overlays_are_show_s_pictures(tmp_path):
-    """`sweep --overlays 2` on a saved LLaVA-NeXT: each row's first tile is the original image
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sweep_overlays_are_show_s_pictures(tmp_path, family):
+    """`sweep --overlays 2` on a saved LLaVA-NeXT / OneVision: each row's first tile is the original image
     (upscaled as drawn), each method's tile is exactly `kept_overlay`'s two-panel picture."""
     from vlmprune.eval.sweep import load_vlm
     from vlmprune.eval.visualise import CAPTION_PX, display_scale, kept_overlay
 
-    save_tiny_llava_next(tmp_path / "model")
+    save_tiny_llava_next(tmp_path / "model", family)
     images = [block_picture(), Image.new("RGB", (30, 50), (200, 30, 30))]
     for i, image in enumerate(images):
         image.save(tmp_path / f"{i}.png")
