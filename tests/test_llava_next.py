@@ -6,6 +6,8 @@ with its own CLS row (eager reference)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -684,6 +686,18 @@ def test_sweep_overlays_are_show_s_pictures(tmp_path, family):
             assert np.array_equal(tile, np.asarray(picture)), (r, c)
     # two panels: the base view and the crops
     assert want[0][0].width > 2 * want[0][0].height
+    # the counts: each image's visual tokens without its newlines, as the adapter prunes them
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    model = vlm.model
+    vlmprune.patch(model, "cls", keep=10**6)
+    counts = []
+    for image, q in zip(images, ("w5 w6", "w7")):
+        with torch.no_grad():
+            model(**vlm.inputs([image], [q]))
+        counts.append([len(k) for k in vlmprune.last_selection(model)[0]])
+    vlmprune.unpatch(model)
+    assert [r["visual_tokens"] for r in cells["unpruned"]["items"]] == counts
+    assert [r["visual_tokens"] for r in cells["cls@keep=8"]["items"]] == [[8], [8]]
 
 
 def test_lmms_eval_model_args_take_view_scores(tmp_path):

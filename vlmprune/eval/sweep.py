@@ -103,8 +103,10 @@ class VLM:
     def n_visual(self) -> int:
         """Visual tokens per image, counted in the inputs of one blank `image_size` image."""
         if self._n_visual is None:
-            ids = self.inputs([Image.new("RGB", (self.image_size, self.image_size))], ["x"])["input_ids"]
-            self._n_visual = int((ids == self.image_token_id).sum())
+            inputs = self.inputs([Image.new("RGB", (self.image_size, self.image_size))], ["x"])
+            self._n_visual = int((inputs["input_ids"] == self.image_token_id).sum())
+            if self.anyres(inputs):  # the placeholders count the newlines too
+                self._n_visual = self.anyres_counts(inputs, [self._n_visual])[0][0]
         return self._n_visual
 
     @property
@@ -116,6 +118,8 @@ class VLM:
         """[row][image] visual tokens of each image of `inputs`, unpruned."""
         per_row = (inputs["input_ids"] == self.image_token_id).sum(1).tolist()
         thw = inputs.get("image_grid_thw")
+        if self.anyres(inputs):
+            return self.anyres_counts(inputs, per_row)
         if thw is None:
             n = self.n_visual
             return [[n] * (int(c) // n) for c in per_row]
@@ -127,6 +131,32 @@ class VLM:
                 row.append(int(next(sizes)))
             if sum(row) != c:
                 raise ValueError(f"image_grid_thw {thw.tolist()} does not match the image tokens per row {per_row}")
+            out.append(row)
+        return out
+
+    def anyres(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Any-resolution images (LLaVA-NeXT / OneVision: base view + crops + newlines)."""
+        return inputs.get("image_sizes") is not None and bool(getattr(self.model.config, "image_grid_pinpoints", None))
+
+    def anyres_counts(self, inputs: dict[str, torch.Tensor], per_row: list[int]) -> list[list[int]]:
+        """LLaVA-NeXT / OneVision: [row][image] visual tokens, newlines excluded: HF's own packing
+        (the adapter's `pack`) of zero features per view with a newline of ones; an image's
+        placeholder run is its packed length, its visual tokens the zeros."""
+        adapter = self.model.__dict__.get("_vlmprune_adapter")
+        if adapter is None:  # an unpatched model (the reference cell): its adapter for the layout alone
+            with vlmprune.pruning(self.model, "random", keep=1):
+                return self.anyres_counts(inputs, per_row)
+        host = {**inputs, "image_sizes": inputs["image_sizes"].cpu()}
+        h, w = adapter.patches()
+        views = [torch.zeros(v, h * w, 1) for v in adapter.view_counts(host)]
+        packed = adapter.pack(views, host, torch.ones(1))
+        runs, counts = iter(len(p) for p in packed), iter(int((p == 0).sum()) for p in packed)
+        out = []
+        for c in per_row:
+            row, length = [], 0
+            while length < c:
+                length += next(runs)
+                row.append(next(counts))
             out.append(row)
         return out
 
