@@ -268,9 +268,9 @@ def rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
-def attention_rows(model, layer, h_in, position_ids, rows):
-    """Head-mean softmax attention of decoder layer `layer` (input `h_in`, one row, causal) from
-    the query positions `rows`, written out by hand: [len(rows), L]."""
+def rotary_qk(model, layer, h_in, position_ids):
+    """Decoder layer `layer`'s queries [H, L, d] and keys [Hkv, L, d] of one row (input `h_in`),
+    rotary applied, written out by hand."""
     stack = decoder_stack(model)
     attn = stack.layers[layer].self_attn
     x = stack.layers[layer].input_layernorm(h_in)[0]
@@ -278,10 +278,17 @@ def attention_rows(model, layer, h_in, position_ids, rows):
     d = x.shape[-1] // heads
     cos, sin = (t[0] for t in stack.rotary_emb(h_in, position_ids))
     q = attn.q_proj(x).view(-1, heads, d).transpose(0, 1)
-    k = attn.k_proj(x).view(-1, kv, d).transpose(0, 1).repeat_interleave(heads // kv, 0)
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    logits = (q[:, rows] @ k.transpose(1, 2)) * d ** -0.5
-    causal = torch.arange(x.shape[0])[None, :] > torch.as_tensor(rows)[:, None]
+    k = attn.k_proj(x).view(-1, kv, d).transpose(0, 1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def attention_rows(model, layer, h_in, position_ids, rows):
+    """Head-mean softmax attention of decoder layer `layer` (input `h_in`, one row, causal) from
+    the query positions `rows`, written out by hand: [len(rows), L]."""
+    q, k = rotary_qk(model, layer, h_in, position_ids)
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], 0)
+    logits = (q[:, rows] @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+    causal = torch.arange(q.shape[1])[None, :] > torch.as_tensor(rows)[:, None]
     return torch.softmax(logits.masked_fill(causal, float("-inf")), -1).mean(0)
 
 
@@ -425,13 +432,7 @@ def test_decoder_defaults_scale_with_the_depth():
 
 def key_l1_norms(model, layer, h_in, position_ids):
     """[L] the L1 norm of each token's rotary key in decoder layer `layer` (input `h_in`, one row)."""
-    stack = decoder_stack(model)
-    x = stack.layers[layer].input_layernorm(h_in)[0]
-    kv = stack.config.num_key_value_heads
-    d = x.shape[-1] // stack.config.num_attention_heads
-    cos, sin = (t[0] for t in stack.rotary_emb(h_in, position_ids))
-    k = stack.layers[layer].self_attn.k_proj(x).view(-1, kv, d).transpose(0, 1)
-    return (k * cos + rotate_half(k) * sin).abs().sum((0, 2))
+    return rotary_qk(model, layer, h_in, position_ids)[1].abs().sum((0, 2))
 
 
 def dart_reference(hn, norms, visual, text, k, n_img=4, n_txt=4):

@@ -182,11 +182,8 @@ class DecoderStages:
         if query == "last":
             rows = torch.full((b, 1), length - 1, device=h.device)
         else:
-            count = text_after.sum(1)
-            width = max(int(count.max()), 1)
-            order = torch.sort(torch.where(text_after, torch.arange(length, device=h.device), length), dim=1).values
-            rows = order[:, :width].clamp(max=length - 1)
-            row_ok = torch.arange(width, device=h.device)[None, :] < count[:, None]
+            rows, row_ok, counts = instruction_columns(text_after, min_width=1)
+            count = to_device(counts, h.device)
         pick = lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         q = attn.q_proj(pick(h)).view(b, rows.shape[1], heads, head_dim).transpose(1, 2)
         q, _ = rope(q, q, pick(cos), pick(sin))
@@ -331,16 +328,12 @@ class DecoderStages:
         columns, `pad` where padded): the instruction tokens' hidden states (`text_embeds`) and the
         key norms of the requested layers over its visual then its text tokens. One host sync (the
         longest instruction)."""
-        length = hidden.shape[1]
-        count = text_after.sum(1)
-        width = int(count.max()) if count.numel() else 0
-        order = torch.sort(torch.where(text_after, torch.arange(length, device=hidden.device), length), dim=1).values
-        tcols = order[:, :width].clamp(max=length - 1)  # [I, M]
-        tpad = torch.arange(width, device=hidden.device)[None, :] >= count[:, None]
+        tcols, real, counts = instruction_columns(text_after)  # [I, M]
+        tpad = ~real
         if request.text_embeds:
             text = hidden[row_of[:, None], tcols].masked_fill(tpad[..., None], 0)
             signals.text_embeds = self.stack.norm(text) if request.final_norm else text
-            signals.text_counts = tuple(count.tolist())
+            signals.text_counts = tuple(counts)
         for layer in request.key_norms:
             norms = self.rotary_keys(layer)[1].float().abs().sum((1, 3))  # [B, L]
             mine = norms[row_of]
@@ -376,6 +369,18 @@ def transition(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor,
     ratio = after.norm(dim=-1) / before.norm(dim=-1).clamp(min=1e-12)
     direction = 1 - nn.functional.cosine_similarity(before, after, dim=-1)
     return ratio, direction
+
+
+def instruction_columns(text_after: torch.Tensor, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Per row of `text_after` [R, L] (bool): its True columns in order, padded to the longest row
+    (at least `min_width`) with column L-1 ([R, W]); which of them are real ([R, W] bool); how many
+    each row has (host; the one device sync)."""
+    length = text_after.shape[1]
+    counts = text_after.sum(1).tolist()
+    width = max(max(counts, default=0), min_width)
+    order = torch.sort(torch.where(text_after, torch.arange(length, device=text_after.device), length), dim=1).values
+    real = torch.arange(width, device=text_after.device)[None, :] < to_device(counts, text_after.device)[:, None]
+    return order[:, :width].clamp(max=length - 1), real, counts
 
 
 def mark(flat: torch.Tensor, index: torch.Tensor, value: bool) -> torch.Tensor:

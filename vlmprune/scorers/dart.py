@@ -68,18 +68,15 @@ class DartScorer(Scorer):
         n_img_piv = [min(self.pivot_image, kk) for kk in ks]
         n_txt_piv = [min(self.pivot_text, t) if kk > self.pivot_image else 0 for kk, t in zip(ks, text_counts)]
         # pivots, in prompt order: the top key norms, then by position
-        by_norm = torch.sort(norms[:, :n].masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
-        img_piv = pivot_positions(by_norm[:, : self.pivot_image], n_img_piv, n)
+        img_piv, img_feats = top_pivots(norms[:, :n], valid, n_img_piv, self.pivot_image, feats)
         taken = torch.zeros(n_img, n + 1, dtype=torch.bool, device=device)
         taken.scatter_(1, img_piv, True)
-        pivots, ok = [feats.gather(1, img_piv.clamp(max=n - 1)[..., None].expand(-1, -1, feats.shape[-1]))], [img_piv < n]
+        pivots, ok = [img_feats], [img_piv < n]
         if self.pivot_text and m:
-            tnorm = norms[:, n:].masked_fill(torch.arange(m, device=device)[None, :] >= torch.tensor(text_counts, device=device)[:, None],
-                                             float("-inf"))
-            by_tnorm = torch.sort(tnorm, dim=1, descending=True, stable=True).indices[:, : self.pivot_text]
-            txt_piv = pivot_positions(by_tnorm, n_txt_piv, m)
+            real = torch.arange(m, device=device)[None, :] < torch.tensor(text_counts, device=device)[:, None]
             tfeats = F.normalize(text.float(), dim=-1).to(device)
-            pivots.append(tfeats.gather(1, txt_piv.clamp(max=m - 1)[..., None].expand(-1, -1, feats.shape[-1])))
+            txt_piv, txt_feats = top_pivots(norms[:, n:], real, n_txt_piv, self.pivot_text, tfeats)
+            pivots.append(txt_feats)
             ok.append(txt_piv < m)
         pivots, ok = torch.cat(pivots, 1), torch.cat(ok, 1)  # [I, P, D], [I, P]
         quota = torch.zeros(ok.shape, dtype=torch.long)  # per pivot slot, on the host: the slots are known there
@@ -98,8 +95,14 @@ class DartScorer(Scorer):
         return Selection(indices=idx.masked_fill(idx >= n, -1))
 
 
-def pivot_positions(by_norm: torch.Tensor, counts: list[int], n: int) -> torch.Tensor:
-    """[I, P] the first counts[i] entries of each row of `by_norm`, ascending, the rest n."""
+def top_pivots(norms: torch.Tensor, valid: torch.Tensor, counts: list[int], limit: int, feats: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, its counts[i] (<= `limit`) valid entries of largest norm (ties: lower index): their
+    positions ascending, padded with n ([I, limit]), and their features ([I, limit, D], padding: the
+    last entry's)."""
+    n = norms.shape[1]
+    by_norm = torch.sort(norms.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices[:, :limit]
     slot = torch.arange(by_norm.shape[1], device=by_norm.device)[None, :]
     wanted = torch.tensor(counts, device=by_norm.device)[:, None]
-    return torch.sort(torch.where(slot < wanted, by_norm, n), dim=1).values
+    pos = torch.sort(torch.where(slot < wanted, by_norm, n), dim=1).values
+    return pos, feats.gather(1, pos.clamp(max=n - 1)[..., None].expand(-1, -1, feats.shape[-1]))
