@@ -68,23 +68,24 @@ def needs_family(name: str) -> None:
 def _train(tmp_path_factory, name: str):
     needs_family(name)
     out = tmp_path_factory.mktemp(name)
-    assert (
-        train.main(
-            [
-                "--out",
-                str(out),
-                "--quick",
-                "--device",
-                "cpu",
-                "--workers",
-                "1",
-                "--family",
-                name,
-            ]
-        )
-        == 0
-    )
+    assert _train_quick(out, name) == 0
     return out
+
+
+def _train_quick(out, family: str, *extra: str) -> int:
+    """`train.main` of a `--quick` CPU run of `family` into `out`, with `extra` arguments."""
+    argv = [
+        "--out",
+        str(out),
+        "--quick",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--family",
+        family,
+    ]
+    return train.main([*argv, *extra])
 
 
 def _load(path, name: str):
@@ -200,24 +201,8 @@ def test_continued_run_starts_from_the_saved_model(trained, family, tmp_path):
 
     out = tmp_path / "continued"
     assert (
-        train.main(
-            [
-                "--out",
-                str(out),
-                "--quick",
-                "--device",
-                "cpu",
-                "--workers",
-                "1",
-                "--family",
-                family,
-                "--init",
-                str(trained),
-                "--pool-start",
-                "1000",
-                "--lr",
-                "0",
-            ]
+        _train_quick(
+            out, family, "--init", str(trained), "--pool-start", "1000", "--lr", "0"
         )
         == 0
     )
